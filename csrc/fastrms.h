@@ -1,0 +1,66 @@
+/* fastrms C API. This header is read verbatim by csrc/build_ffi.py for ffi.cdef, so it holds
+ * declarations and integer #defines only (no include guards, no expressions). */
+
+/* Option flags: a bitwise OR of these. */
+#define FASTRMS_MAXIMIZE 1
+#define FASTRMS_CENTERED 2
+#define FASTRMS_EPS_IN_SQRT 4
+#define FASTRMS_WD_COUPLED 8
+#define FASTRMS_WD_DECOUPLED 16
+#define FASTRMS_MOMENTUM 32
+#define FASTRMS_LR_IN_MOMENTUM 64
+#define FASTRMS_NESTEROV 128
+
+/* Return codes. Nothing is written unless the code is FASTRMS_OK. */
+#define FASTRMS_OK 0
+#define FASTRMS_BAD_FLAGS -1
+#define FASTRMS_NULL_BUFFER -2
+#define FASTRMS_OVERLAP -3
+
+/* Coefficients, already rounded to the array dtype by fastrms/_coefficients.py. */
+struct fastrms_coeffs_f32 {
+    float alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay;
+};
+struct fastrms_coeffs_f64 {
+    double alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay;
+};
+
+/* One fused pass over n elements. momentum_buffer and grad_avg may be NULL when their flag is off. */
+int fastrms_update_f32(const struct fastrms_coeffs_f32 *coeffs, unsigned flags, float *param,
+                       const float *grad, float *square_avg, float *momentum_buffer,
+                       float *grad_avg, size_t n);
+int fastrms_update_f64(const struct fastrms_coeffs_f64 *coeffs, unsigned flags, double *param,
+                       const double *grad, double *square_avg, double *momentum_buffer,
+                       double *grad_avg, size_t n);
+
+/* Many tensors in one call and one thread team: entry k has lengths[k] elements. Arrays of
+ * pointers for unused streams may be NULL. The streams of each entry are checked for overlap;
+ * overlap between different entries is the caller's to rule out. */
+int fastrms_update_multi_f32(const struct fastrms_coeffs_f32 *coeffs, unsigned flags,
+                             float **params, float **grads, float **square_avgs,
+                             float **momentum_buffers, float **grad_avgs,
+                             const size_t *lengths, size_t count);
+int fastrms_update_multi_f64(const struct fastrms_coeffs_f64 *coeffs, unsigned flags,
+                             double **params, double **grads, double **square_avgs,
+                             double **momentum_buffers, double **grad_avgs,
+                             const size_t *lengths, size_t count);
+
+/* The roofline: the same streams as the update (chosen by the CENTERED and MOMENTUM flags),
+ * the same threading, trivial arithmetic. Benchmarks divide by its time. */
+int fastrms_roofline_f32(unsigned flags, float *param, const float *grad, float *square_avg,
+                         float *momentum_buffer, float *grad_avg, size_t n);
+int fastrms_roofline_f64(unsigned flags, double *param, const double *grad, double *square_avg,
+                         double *momentum_buffer, double *grad_avg, size_t n);
+
+/* SIMD level picked at load time: 0 baseline x86-64 (SSE2), 1 AVX2, 2 AVX-512. */
+int fastrms_simd_level(void);
+int fastrms_max_simd_level(void);
+/* Use a lower level (tests prove all levels give the same bits). Returns the level now in use. */
+int fastrms_set_simd_level(int level);
+
+void fastrms_set_num_threads(int n);
+int fastrms_get_num_threads(void);
+int fastrms_openmp_enabled(void);
+size_t fastrms_parallel_threshold(void);
+/* Called in a child after fork(): GNU OpenMP's thread pool does not survive fork. */
+void fastrms_after_fork_in_child(void);

@@ -1,0 +1,291 @@
+/* The fused RMSProp update for one element type. Included by rmsprop.c once per type with
+ * T (the element type), SFX (the name suffix) and SQRT (the correctly rounded square root)
+ * defined. The update order is SPEC.md's, line by line; every line is its own rounding step
+ * because the build passes -ffp-contract=off. */
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(base) CAT(base, SFX)
+
+typedef struct {
+    const struct NAME(fastrms_coeffs) *coeffs;
+    unsigned flags;
+    T *param;
+    const T *grad;
+    T *square_avg;
+    T *momentum_buffer;
+    T *grad_avg;
+} NAME(stream_set);
+
+/* The element loop. Every argument after `hi` is a compile-time constant at each call site below,
+ * so the compiler emits one straight, vectorised loop per option combination; `maximize` is the
+ * exception, a run-time sign flip that costs one blend and saves doubling the code. */
+static ALWAYS_INLINE void NAME(update_range)(const NAME(stream_set) *x, size_t lo, size_t hi,
+                                             const int maximize, const int centered,
+                                             const int eps_in_sqrt, const int momentum_form,
+                                             const int nesterov, const int decay_form) {
+    T *restrict P = x->param;
+    const T *restrict G = x->grad;
+    T *restrict S = x->square_avg;
+    T *restrict B = x->momentum_buffer;
+    T *restrict A = x->grad_avg;
+    const T alpha = x->coeffs->alpha, one_minus_alpha = x->coeffs->one_minus_alpha;
+    const T eps = x->coeffs->eps, neg_lr = x->coeffs->neg_lr, lr = x->coeffs->lr;
+    const T weight_decay = x->coeffs->weight_decay, momentum = x->coeffs->momentum;
+    const T decay = x->coeffs->decay;
+
+    for (size_t i = lo; i < hi; ++i) {
+        T g = G[i];
+        if (maximize) g = -g;
+        T p = P[i];
+        if (decay_form == DECAY_COUPLED) {
+            const T wd_p = weight_decay * p;
+            g = g + wd_p;
+        } else if (decay_form == DECAY_DECOUPLED) {
+            p = p * decay;
+        }
+        const T s_decayed = S[i] * alpha;
+        const T g_scaled = one_minus_alpha * g;
+        const T g_sq = g_scaled * g;
+        const T s = s_decayed + g_sq;
+        S[i] = s;
+        T v = s;
+        if (centered) {
+            const T a_old = A[i];
+            const T diff = g - a_old;
+            const T step_a = one_minus_alpha * diff;
+            const T a = a_old + step_a;
+            A[i] = a;
+            const T a_sq = a * a;
+            v = s - a_sq;
+        }
+        T d;
+        if (eps_in_sqrt) {
+            const T v_eps = v + eps;
+            d = SQRT(v_eps);
+        } else {
+            const T root = SQRT(v);
+            d = root + eps;
+        }
+        if (momentum_form == MOMENTUM_NONE) {
+            const T num = neg_lr * g;
+            const T delta = num / d;
+            p = p + delta;
+        } else {
+            T u;
+            if (momentum_form == MOMENTUM_TORCH) {
+                u = g / d;
+            } else {
+                const T num = lr * g;
+                u = num / d;
+            }
+            const T b_decayed = B[i] * momentum;
+            const T b = b_decayed + u;
+            B[i] = b;
+            T step = b;
+            if (nesterov) {
+                const T look_ahead = momentum * b;
+                step = u + look_ahead;
+            }
+            if (momentum_form == MOMENTUM_TORCH) {
+                const T delta = neg_lr * step;
+                p = p + delta;
+            } else {
+                p = p - step;
+            }
+        }
+        P[i] = p;
+    }
+}
+
+/* Unfold the run-time flags into compile-time constants, one level per option. */
+static ALWAYS_INLINE void NAME(by_decay)(const NAME(stream_set) *x, size_t lo, size_t hi, int mx,
+                                         int c, int e, int m, int nv) {
+    const unsigned f = x->flags;
+    if (f & FASTRMS_WD_COUPLED)
+        NAME(update_range)(x, lo, hi, mx, c, e, m, nv, DECAY_COUPLED);
+    else if (f & FASTRMS_WD_DECOUPLED)
+        NAME(update_range)(x, lo, hi, mx, c, e, m, nv, DECAY_DECOUPLED);
+    else
+        NAME(update_range)(x, lo, hi, mx, c, e, m, nv, DECAY_NONE);
+}
+
+static ALWAYS_INLINE void NAME(by_momentum)(const NAME(stream_set) *x, size_t lo, size_t hi,
+                                            int mx, int c, int e) {
+    const unsigned f = x->flags;
+    const int nesterov = (f & FASTRMS_NESTEROV) != 0;
+    if (!(f & FASTRMS_MOMENTUM))
+        NAME(by_decay)(x, lo, hi, mx, c, e, MOMENTUM_NONE, 0);
+    else if (f & FASTRMS_LR_IN_MOMENTUM) {
+        if (nesterov) NAME(by_decay)(x, lo, hi, mx, c, e, MOMENTUM_LR_INSIDE, 1);
+        else NAME(by_decay)(x, lo, hi, mx, c, e, MOMENTUM_LR_INSIDE, 0);
+    } else {
+        if (nesterov) NAME(by_decay)(x, lo, hi, mx, c, e, MOMENTUM_TORCH, 1);
+        else NAME(by_decay)(x, lo, hi, mx, c, e, MOMENTUM_TORCH, 0);
+    }
+}
+
+static ALWAYS_INLINE void NAME(by_flags)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    const unsigned f = x->flags;
+    const int mx = (f & FASTRMS_MAXIMIZE) != 0;
+    if (f & FASTRMS_CENTERED) {
+        if (f & FASTRMS_EPS_IN_SQRT) NAME(by_momentum)(x, lo, hi, mx, 1, 1);
+        else NAME(by_momentum)(x, lo, hi, mx, 1, 0);
+    } else {
+        if (f & FASTRMS_EPS_IN_SQRT) NAME(by_momentum)(x, lo, hi, mx, 0, 1);
+        else NAME(by_momentum)(x, lo, hi, mx, 0, 0);
+    }
+}
+
+/* Same streams as the update, trivial arithmetic: the speed limit of the memory system. */
+static ALWAYS_INLINE void NAME(roofline_range)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    T *restrict P = x->param;
+    const T *restrict G = x->grad;
+    T *restrict S = x->square_avg;
+    T *restrict B = x->momentum_buffer;
+    T *restrict A = x->grad_avg;
+    const int centered = (x->flags & FASTRMS_CENTERED) != 0;
+    const int momentum = (x->flags & FASTRMS_MOMENTUM) != 0;
+    if (centered && momentum)
+        for (size_t i = lo; i < hi; ++i) { S[i] += G[i]; A[i] += G[i]; B[i] += G[i]; P[i] += S[i]; }
+    else if (centered)
+        for (size_t i = lo; i < hi; ++i) { S[i] += G[i]; A[i] += G[i]; P[i] += S[i]; }
+    else if (momentum)
+        for (size_t i = lo; i < hi; ++i) { S[i] += G[i]; B[i] += G[i]; P[i] += S[i]; }
+    else
+        for (size_t i = lo; i < hi; ++i) { S[i] += G[i]; P[i] += S[i]; }
+}
+
+/* One copy of each range function per instruction set; the table is indexed by SIMD level. */
+static void NAME(update_baseline)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(by_flags)(x, lo, hi);
+}
+static TARGET_AVX2 void NAME(update_avx2)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(by_flags)(x, lo, hi);
+}
+static TARGET_AVX512 void NAME(update_avx512)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(by_flags)(x, lo, hi);
+}
+static void NAME(roofline_baseline)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(roofline_range)(x, lo, hi);
+}
+static TARGET_AVX2 void NAME(roofline_avx2)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(roofline_range)(x, lo, hi);
+}
+static TARGET_AVX512 void NAME(roofline_avx512)(const NAME(stream_set) *x, size_t lo, size_t hi) {
+    NAME(roofline_range)(x, lo, hi);
+}
+
+typedef void (*NAME(range_fn))(const NAME(stream_set) *, size_t, size_t);
+static const NAME(range_fn) NAME(update_by_level)[SIMD_LEVELS] = {
+    NAME(update_baseline), NAME(update_avx2), NAME(update_avx512)};
+static const NAME(range_fn) NAME(roofline_by_level)[SIMD_LEVELS] = {
+    NAME(roofline_baseline), NAME(roofline_avx2), NAME(roofline_avx512)};
+
+/* Run fn over n elements, split in cache-line-aligned slices over the thread team. */
+static void NAME(run_split)(NAME(range_fn) fn, const NAME(stream_set) *x, size_t n) {
+    const int threads = team_size(n);
+    if (threads <= 1) {
+        fn(x, 0, n);
+        return;
+    }
+#pragma omp parallel num_threads(threads) if (n >= PARALLEL_THRESHOLD)
+    {
+        size_t lo, hi;
+        thread_slice(n, &lo, &hi);
+        if (lo < hi) fn(x, lo, hi);
+    }
+}
+
+static int NAME(check_streams)(unsigned flags, const NAME(stream_set) *x, size_t n) {
+    if (flags & ~FASTRMS_ALL_FLAGS) return FASTRMS_BAD_FLAGS;
+    if ((flags & FASTRMS_WD_COUPLED) && (flags & FASTRMS_WD_DECOUPLED)) return FASTRMS_BAD_FLAGS;
+    if ((flags & FASTRMS_NESTEROV) && !(flags & FASTRMS_MOMENTUM)) return FASTRMS_BAD_FLAGS;
+    if (n == 0) return FASTRMS_OK;
+    if (!x->param || !x->grad || !x->square_avg) return FASTRMS_NULL_BUFFER;
+    if ((flags & FASTRMS_MOMENTUM) && !x->momentum_buffer) return FASTRMS_NULL_BUFFER;
+    if ((flags & FASTRMS_CENTERED) && !x->grad_avg) return FASTRMS_NULL_BUFFER;
+    const void *buffers[5] = {x->param, x->grad, x->square_avg,
+                              (flags & FASTRMS_MOMENTUM) ? x->momentum_buffer : NULL,
+                              (flags & FASTRMS_CENTERED) ? x->grad_avg : NULL};
+    return first_overlap(buffers, n * sizeof(T));
+}
+
+int NAME(fastrms_update)(const struct NAME(fastrms_coeffs) *coeffs, unsigned flags, T *param,
+                         const T *grad, T *square_avg, T *momentum_buffer, T *grad_avg,
+                         size_t n) {
+    const NAME(stream_set) x = {coeffs, flags, param, grad, square_avg, momentum_buffer, grad_avg};
+    const int status = NAME(check_streams)(flags, &x, n);
+    if (status != FASTRMS_OK || n == 0) return status;
+    NAME(run_split)(NAME(update_by_level)[simd_level()], &x, n);
+    return FASTRMS_OK;
+}
+
+int NAME(fastrms_roofline)(unsigned flags, T *param, const T *grad, T *square_avg,
+                           T *momentum_buffer, T *grad_avg, size_t n) {
+    const NAME(stream_set) x = {NULL, flags, param, grad, square_avg, momentum_buffer, grad_avg};
+    const int status = NAME(check_streams)(flags, &x, n);
+    if (status != FASTRMS_OK || n == 0) return status;
+    NAME(run_split)(NAME(roofline_by_level)[simd_level()], &x, n);
+    return FASTRMS_OK;
+}
+
+/* Walk the tensors that intersect [lo, hi) of the concatenated element index space. */
+static void NAME(multi_range)(NAME(range_fn) fn, const NAME(stream_set) *base, T **params,
+                              T **grads, T **square_avgs, T **momentum_buffers, T **grad_avgs,
+                              const size_t *lengths, size_t count, size_t lo, size_t hi) {
+    size_t start = 0;
+    for (size_t k = 0; k < count && start < hi; start += lengths[k], ++k) {
+        const size_t end = start + lengths[k];
+        if (end <= lo) continue;
+        const size_t from = lo > start ? lo - start : 0;
+        const size_t to = (hi < end ? hi : end) - start;
+        NAME(stream_set) x = *base;
+        x.param = params[k];
+        x.grad = grads[k];
+        x.square_avg = square_avgs[k];
+        x.momentum_buffer = momentum_buffers ? momentum_buffers[k] : NULL;
+        x.grad_avg = grad_avgs ? grad_avgs[k] : NULL;
+        fn(&x, from, to);
+    }
+}
+
+int NAME(fastrms_update_multi)(const struct NAME(fastrms_coeffs) *coeffs, unsigned flags,
+                               T **params, T **grads, T **square_avgs, T **momentum_buffers,
+                               T **grad_avgs, const size_t *lengths, size_t count) {
+    size_t total = 0;
+    for (size_t k = 0; k < count; ++k) {
+        const NAME(stream_set) x = {coeffs,
+                                    flags,
+                                    params[k],
+                                    grads[k],
+                                    square_avgs[k],
+                                    momentum_buffers ? momentum_buffers[k] : NULL,
+                                    grad_avgs ? grad_avgs[k] : NULL};
+        const int status = NAME(check_streams)(flags, &x, lengths[k]);
+        if (status != FASTRMS_OK) return status;
+        total += lengths[k];
+    }
+    if (total == 0) return FASTRMS_OK;
+    const NAME(stream_set) base = {coeffs, flags, NULL, NULL, NULL, NULL, NULL};
+    const NAME(range_fn) fn = NAME(update_by_level)[simd_level()];
+    const int threads = team_size(total);
+    if (threads <= 1) {
+        NAME(multi_range)(fn, &base, params, grads, square_avgs, momentum_buffers, grad_avgs,
+                          lengths, count, 0, total);
+        return FASTRMS_OK;
+    }
+#pragma omp parallel num_threads(threads) if (total >= PARALLEL_THRESHOLD)
+    {
+        size_t lo, hi;
+        thread_slice(total, &lo, &hi);
+        if (lo < hi)
+            NAME(multi_range)(fn, &base, params, grads, square_avgs, momentum_buffers, grad_avgs,
+                              lengths, count, lo, hi);
+    }
+    return FASTRMS_OK;
+}
+
+#undef NAME
+#undef CAT
+#undef CAT_

@@ -1,0 +1,132 @@
+"""The one place where hyperparameters become kernel coefficients.
+
+Each coefficient is computed once in Python float64 and then rounded once to the array dtype
+(SPEC.md). Backends receive a :class:`Coefficients` and arrays, nothing else, so they cannot
+disagree about a coefficient. Results are cached: a training loop that calls with the same
+hyperparameters every step pays for one dictionary lookup.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from numbers import Real
+
+import numpy as np
+
+# Option flags; the same values as the FASTRMS_* constants in csrc/fastrms.h (a test pins them).
+MAXIMIZE = 1
+CENTERED = 2
+EPS_IN_SQRT = 4
+WD_COUPLED = 8
+WD_DECOUPLED = 16
+MOMENTUM = 32
+LR_IN_MOMENTUM = 64
+NESTEROV = 128
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Coefficients:
+    """Kernel coefficients for one dtype, each exactly representable in that dtype.
+
+    ``values`` holds (alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay)
+    as Python floats; ``scalars`` holds the same as NumPy scalars of ``dtype``; ``flags`` is the
+    bitwise OR of the option flags. ``backend_cache`` lets a backend keep its own form of these
+    coefficients (a C struct, say) next to them.
+    """
+
+    __slots__ = ("values", "scalars", "flags", "dtype", "backend_cache")
+
+    def __init__(self, values: tuple[float, ...], flags: int, dtype: np.dtype):
+        self.values = values
+        self.scalars = tuple(dtype.type(v) for v in values)
+        self.flags = flags
+        self.dtype = dtype
+        self.backend_cache: dict = {}
+
+    @property
+    def uses_momentum(self) -> bool:
+        return bool(self.flags & MOMENTUM)
+
+    @property
+    def centered(self) -> bool:
+        return bool(self.flags & CENTERED)
+
+    def __repr__(self) -> str:
+        names = ("alpha", "one_minus_alpha", "eps", "neg_lr", "lr", "weight_decay", "momentum", "decay")
+        body = ", ".join(f"{n}={v!r}" for n, v in zip(names, self.values))
+        return f"Coefficients({body}, flags={self.flags}, dtype={self.dtype})"
+
+
+def _check_real(name: str, value, *, lower: float = 0.0, upper: float | None = None,
+                upper_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < lower:
+        raise ValueError(f"{name} must be >= {lower}, got {value}")
+    if upper is not None and (value >= upper if upper_open else value > upper):
+        raise ValueError(f"{name} must be {'<' if upper_open else '<='} {upper}, got {value}")
+    return value
+
+
+def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                        centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
+                        nesterov=False, decoupled_weight_decay=False) -> Coefficients:
+    """Validate hyperparameters and return the coefficients for arrays of ``dtype``.
+
+    Raises ``TypeError`` / ``ValueError`` naming the offending hyperparameter.
+    """
+    try:
+        return _cached(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                       eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay)
+    except TypeError as exc:  # unhashable argument: validate uncached to get the real message
+        if "unhashable" not in str(exc):
+            raise
+        return _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                        eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay)
+
+
+def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+             lr_in_momentum, nesterov, decoupled_weight_decay) -> Coefficients:
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    lr = _check_real("lr", lr)
+    alpha = _check_real("alpha", alpha, upper=1.0, upper_open=True)
+    eps = _check_real("eps", eps)
+    weight_decay = _check_real("weight_decay", weight_decay)
+    momentum = _check_real("momentum", momentum)
+    for name, flag in (("centered", centered), ("maximize", maximize), ("eps_in_sqrt", eps_in_sqrt),
+                       ("lr_in_momentum", lr_in_momentum), ("nesterov", nesterov),
+                       ("decoupled_weight_decay", decoupled_weight_decay)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if nesterov and momentum == 0.0:
+        raise ValueError("nesterov requires momentum > 0")
+
+    flags = 0
+    if maximize:
+        flags |= MAXIMIZE
+    if centered:
+        flags |= CENTERED
+    if eps_in_sqrt:
+        flags |= EPS_IN_SQRT
+    # Like torch, a zero weight decay skips the decay line (g + 0 * p is not g for p = inf).
+    if weight_decay != 0.0:
+        flags |= WD_DECOUPLED if decoupled_weight_decay else WD_COUPLED
+    if momentum != 0.0:
+        flags |= MOMENTUM
+        if lr_in_momentum:
+            flags |= LR_IN_MOMENTUM
+        if nesterov:
+            flags |= NESTEROV
+
+    in_float64 = (alpha, 1.0 - alpha, eps, -lr, lr, weight_decay, momentum, 1.0 - lr * weight_decay)
+    rounded = tuple(np.array(in_float64, dtype=np.float64).astype(dtype).tolist())
+    return Coefficients(rounded, flags, dtype)
+
+
+_cached = lru_cache(maxsize=512)(_compute)

@@ -1,0 +1,119 @@
+"""Which backend runs a call: the argument, then ``use_backend``, then ``set_backend``, then the
+``FASTRMS_BACKEND`` environment variable (read at import), then the automatic choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import numpy as np
+
+from . import backends
+from ._coefficients import CENTERED, MOMENTUM
+
+
+class BackendUnavailableError(ValueError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastrms_backend", default=None)
+_global_choice: str | None = None
+ENV_VARIABLE = "FASTRMS_BACKEND"
+_env_choice = os.environ.get(ENV_VARIABLE) or None
+
+#: Sizes below which the reference would still lose: the compiled backends win at every size
+#: measured (see README, "How automatic choice decides"), so the only question is which compiled
+#: backend, and the C backend was never measurably slower than Numba.
+AUTO_ORDER = ("c", "numba", "numpy")
+
+
+def set_backend(name: str | None) -> None:
+    """Make ``name`` the process-wide default backend (``None`` restores automatic choice)."""
+    global _global_choice
+    if name is not None:
+        backends.check_name(name)
+    _global_choice = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Use backend ``name`` for calls inside the ``with`` block (this thread / task only).
+
+    >>> with fastrms.use_backend("numpy"):
+    ...     fastrms.rmsprop_update(p, g, s, lr=0.01)
+    """
+    backends.check_name(name)
+    token = _context_choice.set(name)
+    try:
+        yield
+    finally:
+        _context_choice.reset(token)
+
+
+def requested_backend(argument: str | None) -> tuple[str | None, str]:
+    """The backend asked for explicitly, if any, and where the request came from."""
+    if argument is not None:
+        return argument, "backend argument"
+    name = _context_choice.get()
+    if name is not None:
+        return name, "use_backend()"
+    if _global_choice is not None:
+        return _global_choice, "set_backend()"
+    if _env_choice is not None:
+        return _env_choice, f"{ENV_VARIABLE} environment variable"
+    return None, "automatic"
+
+
+def load_requested(name: str, source: str):
+    try:
+        backends.check_name(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (from {source})") from None
+    try:
+        return backends.load(name)
+    except RuntimeError as exc:
+        raise BackendUnavailableError(f"{exc} (requested by {source})") from None
+
+
+def automatic_choice(size: int, dtype=np.float32, flags: int = 0) -> tuple[str, str]:
+    """The backend automatic choice picks for ``size`` elements of ``dtype``, and why."""
+    for name in AUTO_ORDER:
+        available, reason = backends.availability(name)
+        if available:
+            variant = _variant_name(flags)
+            if name == "c":
+                why = (f"C is the fastest available backend for {variant} {np.dtype(dtype)} at "
+                       f"{size} elements (lowest call overhead in cache, at the roofline out of it)")
+            elif name == "numba":
+                why = (f"C backend unavailable ({backends.availability('c')[1]}); Numba beats the "
+                       f"NumPy reference at every size")
+            else:
+                why = "no compiled backend is available; the NumPy reference serves"
+            return name, why
+    raise AssertionError("the numpy backend is always available")  # pragma: no cover
+
+
+_auto_module = None
+
+
+def resolve(argument: str | None, size: int, dtype, flags: int):
+    """Return the backend module that should run a call."""
+    global _auto_module
+    if argument is None and _context_choice.get() is None and _global_choice is None and _env_choice is None:
+        # Automatic: the choice does not depend on size today, so resolve once.
+        if _auto_module is None:
+            _auto_module = backends.load(automatic_choice(size, dtype, flags)[0])
+        return _auto_module
+    name, source = requested_backend(argument)
+    return load_requested(name, source)
+
+
+def _variant_name(flags: int) -> str:
+    if flags & CENTERED and flags & MOMENTUM:
+        return "centered+momentum"
+    if flags & CENTERED:
+        return "centered"
+    if flags & MOMENTUM:
+        return "momentum"
+    return "plain"

@@ -1,0 +1,59 @@
+"""The public fused update, :func:`rmsprop_update`."""
+from __future__ import annotations
+
+from . import _dispatch
+from ._coefficients import kernel_coefficients
+from ._validation import check_arrays, check_no_overlap, check_param, is_kernel_ready
+from .backends import numpy_reference
+
+
+def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                   momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
+                   lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
+                   momentum_buffer=None, grad_avg=None, backend=None):
+    """One RMSProp step, in place, in one fused pass over memory.
+
+    Updates ``param``, ``square_avg`` and, when used, ``momentum_buffer`` (required exactly when
+    ``momentum > 0``) and ``grad_avg`` (required exactly when ``centered``), in the order of
+    SPEC.md; every backend gives the NumPy reference's bits. The defaults are torch's
+    (``torch.optim.RMSprop``): eps outside the square root, lr outside the momentum buffer,
+    coupled (L2) weight decay.
+
+    Every argument is checked before anything is written; bad input raises ``TypeError`` or
+    ``ValueError`` naming the argument and leaves every array untouched.
+
+    Example:
+        >>> import numpy as np, fastrms
+        >>> p = np.array([0.2, 0.4, 0.6]); g = np.array([-0.5, 0.3, 0.24]); s = np.zeros(3)
+        >>> fastrms.rmsprop_update(p, g, s, lr=0.01, alpha=0.9, eps_in_sqrt=True)
+        >>> p.round(8)
+        array([0.23162277, 0.36837724, 0.56837725])
+    """
+    coeffs = kernel_coefficients(check_param(param), lr, alpha, eps, weight_decay, momentum,
+                                 centered, maximize, eps_in_sqrt, lr_in_momentum, nesterov,
+                                 decoupled_weight_decay)
+    check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
+                 coeffs.centered)
+    module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
+    if module is numpy_reference or _all_kernel_ready(param, grad, square_avg, momentum_buffer, grad_avg):
+        module.update(coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
+    else:
+        _update_through_copies(module, coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
+
+
+def _all_kernel_ready(*arrays) -> bool:
+    for array in arrays:
+        if array is not None and not is_kernel_ready(array):
+            return False
+    return True
+
+
+def _update_through_copies(module, coeffs, param, grad, square_avg, momentum_buffer, grad_avg):
+    """Strided or misaligned arrays: gather into contiguous copies, update, scatter back."""
+    originals = (param, grad, square_avg, momentum_buffer, grad_avg)
+    check_no_overlap(*originals)
+    copies = [None if a is None else (a if is_kernel_ready(a) else a.copy(order="C")) for a in originals]
+    module.update(coeffs, *copies)
+    for index in (0, 2, 3, 4):  # the outputs
+        if copies[index] is not originals[index]:
+            originals[index][...] = copies[index]

@@ -1,0 +1,139 @@
+"""The C backend: csrc/rmsprop.c through cffi (out-of-line API mode).
+
+cffi releases the GIL around every call. The kernel checks flags and buffer overlap itself before
+it writes, so the Python side only turns arrays into pointers.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .._coefficients import CENTERED, MOMENTUM, Coefficients
+from .._validation import check_no_overlap
+
+try:
+    from .._fastrms_c import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised when the extension was not built
+    raise ImportError(
+        "the C extension fastrms._fastrms_c was not built (install with `pip install .` and a C "
+        f"compiler; {exc})") from exc
+
+SIMD_NAMES = ("sse2", "avx2", "avx512")
+_F32 = np.dtype(np.float32)
+_ENTRY = {
+    _F32: (lib.fastrms_update_f32, lib.fastrms_update_multi_f32, lib.fastrms_roofline_f32,
+           "float[]", "float *", "float *[]", "struct fastrms_coeffs_f32 *"),
+    np.dtype(np.float64): (lib.fastrms_update_f64, lib.fastrms_update_multi_f64,
+                           lib.fastrms_roofline_f64, "double[]", "double *", "double *[]",
+                           "struct fastrms_coeffs_f64 *"),
+}
+_from_buffer = ffi.from_buffer
+_NULL = ffi.NULL
+
+
+def _coeff_struct(coeffs: Coefficients):
+    struct = coeffs.backend_cache.get("c")
+    if struct is None:
+        struct = ffi.new(_ENTRY[coeffs.dtype][6], coeffs.values)
+        coeffs.backend_cache["c"] = struct
+    return struct
+
+
+def _raise_for(status: int, arrays) -> None:
+    if status == lib.FASTRMS_OVERLAP:
+        check_no_overlap(*arrays)  # names the pair
+        raise ValueError("two of the arrays overlap in memory")  # pragma: no cover
+    raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
+
+
+def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    n = param.size
+    if n == 0:
+        return
+    fn, _, _, buffer_type, _, _, _ = _ENTRY[param.dtype]
+    status = fn(_coeff_struct(coeffs), coeffs.flags,
+                _from_buffer(buffer_type, param),
+                _from_buffer(buffer_type, grad),
+                _from_buffer(buffer_type, square_avg),
+                _NULL if momentum_buffer is None else _from_buffer(buffer_type, momentum_buffer),
+                _NULL if grad_avg is None else _from_buffer(buffer_type, grad_avg),
+                n)
+    if status:
+        _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
+
+
+def _pointer_array(pointer_array_type, buffer_type, arrays, keep):
+    cdatas = [_from_buffer(buffer_type, a) if a.size else _NULL for a in arrays]
+    keep.append(cdatas)
+    return ffi.new(pointer_array_type, cdatas)
+
+
+def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs):
+    """One C call and one thread team for all the arrays (all of dtype coeffs.dtype)."""
+    count = len(params)
+    if count == 0:
+        return
+    _, fn, _, buffer_type, _, pointer_array_type, _ = _ENTRY[coeffs.dtype]
+    keep = []
+    streams = [_pointer_array(pointer_array_type, buffer_type, arrays, keep)
+               if arrays is not None else _NULL
+               for arrays in (params, grads, square_avgs, momentum_buffers, grad_avgs)]
+    lengths = ffi.new("size_t[]", [a.size for a in params])
+    status = fn(_coeff_struct(coeffs), coeffs.flags, *streams, lengths, count)
+    if status:
+        for k in range(count):
+            check_no_overlap(params[k], grads[k], square_avgs[k],
+                             momentum_buffers[k] if momentum_buffers is not None else None,
+                             grad_avgs[k] if grad_avgs is not None else None)
+        raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
+
+
+def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    """The same streams as the update (chosen by flags), trivial arithmetic: the speed limit."""
+    _, _, fn, buffer_type, _, _, _ = _ENTRY[param.dtype]
+    if param.size == 0:
+        return
+    status = fn(flags & (CENTERED | MOMENTUM), _from_buffer(buffer_type, param),
+                _from_buffer(buffer_type, grad), _from_buffer(buffer_type, square_avg),
+                _NULL if momentum_buffer is None else _from_buffer(buffer_type, momentum_buffer),
+                _NULL if grad_avg is None else _from_buffer(buffer_type, grad_avg), param.size)
+    if status:
+        _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
+
+
+def set_num_threads(n: int) -> None:
+    lib.fastrms_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return lib.fastrms_get_num_threads()
+
+
+def simd_level() -> str:
+    return SIMD_NAMES[lib.fastrms_simd_level()]
+
+
+def set_simd_level(name: str) -> str:
+    """Cap the SIMD level (tests use it to prove every level gives the same bits)."""
+    if name not in SIMD_NAMES:
+        raise ValueError(f"unknown SIMD level {name!r}; choose one of {SIMD_NAMES}")
+    return SIMD_NAMES[lib.fastrms_set_simd_level(SIMD_NAMES.index(name))]
+
+
+def describe() -> dict:
+    return {
+        "available": True,
+        "reason": "C extension loaded",
+        "threads": lib.fastrms_get_num_threads(),
+        "openmp": bool(lib.fastrms_openmp_enabled()),
+        "simd_level": simd_level(),
+        "simd_level_max": SIMD_NAMES[lib.fastrms_max_simd_level()],
+        "parallel_threshold": int(lib.fastrms_parallel_threshold()),
+    }
+
+
+# GNU OpenMP's thread pool does not survive fork(); a forked child runs the kernel serially.
+os.register_at_fork(after_in_child=lib.fastrms_after_fork_in_child)
+if os.environ.get("FASTRMS_SIMD"):
+    set_simd_level(os.environ["FASTRMS_SIMD"])

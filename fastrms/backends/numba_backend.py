@@ -1,0 +1,182 @@
+"""The Numba backend: the fused update as a plain loop, compiled by Numba.
+
+One element function holds SPEC.md's order; two drivers run it, a serial loop for small arrays
+(a prange always wakes the thread pool) and a ``prange`` loop for large ones. Options are
+run-time arguments, so each driver compiles once per dtype; LLVM unswitches the loop on them.
+
+Compilation settings live in this one place: ``nogil=True``, never ``fastmath`` (it would
+reassociate and fuse, breaking bit-identity), and ``cache=True`` unless ``FASTRMS_NUMBA_CACHE=0``.
+Numba caches ``parallel=True`` functions too; tests/test_numba_cache.py proves a fresh process
+loads them and gets the same bits.
+"""
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .._coefficients import (CENTERED, EPS_IN_SQRT, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM, NESTEROV,
+                             WD_COUPLED, WD_DECOUPLED)
+from .._validation import check_no_overlap
+
+CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
+#: Below this many elements the serial driver runs (same value as the C kernel's threshold).
+PARALLEL_THRESHOLD = 1 << 16
+
+_jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
+
+
+@njit(inline="always", **_jit)
+def _update_element(i, P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay,
+                    momentum, decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
+                    decay_form):
+    g = G[i]
+    if maximize:
+        g = -g
+    p = P[i]
+    if decay_form == 1:
+        g = g + weight_decay * p
+    elif decay_form == 2:
+        p = p * decay
+    s = S[i] * alpha + (one_minus_alpha * g) * g
+    S[i] = s
+    v = s
+    if centered:
+        a = A[i] + one_minus_alpha * (g - A[i])
+        A[i] = a
+        v = s - a * a
+    if eps_in_sqrt:
+        d = np.sqrt(v + eps)
+    else:
+        d = np.sqrt(v) + eps
+    if momentum_form == 0:
+        p = p + (neg_lr * g) / d
+    else:
+        if momentum_form == 1:
+            u = g / d
+        else:
+            u = (lr * g) / d
+        b = B[i] * momentum + u
+        B[i] = b
+        step = b
+        if nesterov:
+            step = u + momentum * b
+        if momentum_form == 1:
+            p = p + neg_lr * step
+        else:
+            p = p - step
+    P[i] = p
+
+
+@njit(**_jit)
+def _update_serial(P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum,
+                   decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov, decay_form):
+    for i in range(P.size):
+        _update_element(i, P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay,
+                        momentum, decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
+                        decay_form)
+
+
+@njit(parallel=True, **_jit)
+def _update_parallel(P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay,
+                     momentum, decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
+                     decay_form):
+    for i in prange(P.size):
+        _update_element(i, P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay,
+                        momentum, decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
+                        decay_form)
+
+
+@njit(parallel=True, **_jit)
+def _roofline_parallel(P, G, S, B, A, centered, use_momentum):
+    for i in prange(P.size):
+        S[i] += G[i]
+        if centered:
+            A[i] += G[i]
+        if use_momentum:
+            B[i] += G[i]
+        P[i] += S[i]
+
+
+_UNUSED = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0, np.float64)}
+_threads = numba.get_num_threads()
+
+
+def _options(flags: int) -> tuple:
+    """Flags as the kernels' run-time option arguments (plain ints: one compiled signature)."""
+    momentum_form = 0 if not flags & MOMENTUM else (2 if flags & LR_IN_MOMENTUM else 1)
+    decay_form = 1 if flags & WD_COUPLED else (2 if flags & WD_DECOUPLED else 0)
+    return (bool(flags & MAXIMIZE), bool(flags & CENTERED), bool(flags & EPS_IN_SQRT),
+            momentum_form, bool(flags & NESTEROV), decay_form)
+
+
+def _kernel_arguments(coeffs):
+    arguments = coeffs.backend_cache.get("numba")
+    if arguments is None:
+        arguments = coeffs.scalars + _options(coeffs.flags)
+        coeffs.backend_cache["numba"] = arguments
+    return arguments
+
+
+def _flat(array, dtype):
+    return _UNUSED[dtype] if array is None else array.reshape(-1)
+
+
+def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    check_no_overlap(param, grad, square_avg, momentum_buffer, grad_avg)
+    n = param.size
+    if n == 0:
+        return
+    dtype = param.dtype
+    arrays = (param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
+              _flat(momentum_buffer, dtype), _flat(grad_avg, dtype))
+    if n < PARALLEL_THRESHOLD or _threads == 1:
+        _update_serial(*arrays, *_kernel_arguments(coeffs))
+    else:
+        _apply_thread_count()
+        _update_parallel(*arrays, *_kernel_arguments(coeffs))
+
+
+def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs):
+    for k in range(len(params)):
+        update(coeffs, params[k], grads[k], square_avgs[k],
+               momentum_buffers[k] if momentum_buffers is not None else None,
+               grad_avgs[k] if grad_avgs is not None else None)
+
+
+def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    dtype = param.dtype
+    _apply_thread_count()
+    _roofline_parallel(param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
+                       _flat(momentum_buffer, dtype), _flat(grad_avg, dtype),
+                       bool(flags & CENTERED), bool(flags & MOMENTUM))
+
+
+def _apply_thread_count() -> None:
+    # Numba's thread count is per calling thread; apply ours in whichever thread calls.
+    if numba.get_num_threads() != _threads:
+        numba.set_num_threads(_threads)
+
+
+def set_num_threads(n: int) -> None:
+    global _threads
+    _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(_threads)
+
+
+def describe() -> dict:
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet, so no layer was chosen
+        layer = f"not chosen yet (config: {numba.config.THREADING_LAYER})"
+    return {
+        "available": True,
+        "reason": "numba loaded",
+        "version": numba.__version__,
+        "threads": _threads,
+        "threading_layer": layer,
+        "cache": CACHE,
+        "parallel_threshold": PARALLEL_THRESHOLD,
+    }
