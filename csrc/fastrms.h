@@ -16,6 +16,7 @@
 #define FASTRMS_BAD_FLAGS -1
 #define FASTRMS_NULL_BUFFER -2
 #define FASTRMS_OVERLAP -3
+#define FASTRMS_MISALIGNED -4
 
 /* Coefficients, already rounded to the array dtype by fastrms/_coefficients.py. */
 struct fastrms_coeffs_f32 {

@@ -208,6 +208,8 @@ static int NAME(check_streams)(unsigned flags, const NAME(stream_set) *x, size_t
     const void *buffers[5] = {x->param, x->grad, x->square_avg,
                               (flags & FASTRMS_MOMENTUM) ? x->momentum_buffer : NULL,
                               (flags & FASTRMS_CENTERED) ? x->grad_avg : NULL};
+    for (int i = 0; i < 5; ++i)
+        if ((uintptr_t)buffers[i] % sizeof(T) != 0) return FASTRMS_MISALIGNED;
     return first_overlap(buffers, n * sizeof(T));
 }
 

@@ -35,22 +35,17 @@ class Coefficients:
     coefficients (a C struct, say) next to them.
     """
 
-    __slots__ = ("values", "scalars", "flags", "dtype", "backend_cache")
+    __slots__ = ("values", "scalars", "flags", "dtype", "uses_momentum", "centered", "backend_cache")
 
     def __init__(self, values: tuple[float, ...], flags: int, dtype: np.dtype):
         self.values = values
         self.scalars = tuple(dtype.type(v) for v in values)
         self.flags = flags
         self.dtype = dtype
+        # Plain attributes, not properties: read on every call of the small-array fast path.
+        self.uses_momentum = bool(flags & MOMENTUM)
+        self.centered = bool(flags & CENTERED)
         self.backend_cache: dict = {}
-
-    @property
-    def uses_momentum(self) -> bool:
-        return bool(self.flags & MOMENTUM)
-
-    @property
-    def centered(self) -> bool:
-        return bool(self.flags & CENTERED)
 
     def __repr__(self) -> str:
         names = ("alpha", "one_minus_alpha", "eps", "neg_lr", "lr", "weight_decay", "momentum", "decay")

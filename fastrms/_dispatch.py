@@ -34,6 +34,7 @@ def set_backend(name: str | None) -> None:
     if name is not None:
         backends.check_name(name)
     _global_choice = name
+    _refresh_auto_module()
 
 
 @contextlib.contextmanager
@@ -43,12 +44,17 @@ def use_backend(name: str):
     >>> with fastrms.use_backend("numpy"):
     ...     fastrms.rmsprop_update(p, g, s, lr=0.01)
     """
+    global _active_contexts
     backends.check_name(name)
     token = _context_choice.set(name)
+    _active_contexts += 1
+    _refresh_auto_module()
     try:
         yield
     finally:
         _context_choice.reset(token)
+        _active_contexts -= 1
+        _refresh_auto_module()
 
 
 def requested_backend(argument: str | None) -> tuple[str | None, str]:
@@ -94,19 +100,30 @@ def automatic_choice(size: int, dtype=np.float32, flags: int = 0) -> tuple[str, 
     raise AssertionError("the numpy backend is always available")  # pragma: no cover
 
 
-_auto_module = None
+#: The automatically chosen module, once resolved; None while any override is in force, so that
+#: the per-call fast path is one global read (see rmsprop_update).
+auto_module = None
+_active_contexts = 0
+
+
+def _refresh_auto_module() -> None:
+    """Forget the cached automatic module; resolve() caches it again once no override is on."""
+    global auto_module
+    auto_module = None
 
 
 def resolve(argument: str | None, size: int, dtype, flags: int):
     """Return the backend module that should run a call."""
-    global _auto_module
-    if argument is None and _context_choice.get() is None and _global_choice is None and _env_choice is None:
-        # Automatic: the choice does not depend on size today, so resolve once.
-        if _auto_module is None:
-            _auto_module = backends.load(automatic_choice(size, dtype, flags)[0])
-        return _auto_module
+    global auto_module
     name, source = requested_backend(argument)
-    return load_requested(name, source)
+    if name is not None:
+        return load_requested(name, source)
+    module = backends.load(automatic_choice(size, dtype, flags)[0])
+    if not _active_contexts and _global_choice is None and _env_choice is None:
+        # The automatic choice does not depend on size, dtype or variant on the machines
+        # measured so far (see automatic_choice), so it is cached for the fast path.
+        auto_module = module
+    return module
 
 
 def _variant_name(flags: int) -> str:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from . import _dispatch
 from ._coefficients import kernel_coefficients
-from ._validation import check_arrays, check_no_overlap, check_param, is_kernel_ready
+from ._validation import (check_arrays, check_no_overlap, check_param, check_writeable,
+                          is_kernel_ready)
 from .backends import numpy_reference
 
 
@@ -34,7 +35,14 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
                                  decoupled_weight_decay)
     check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                  coeffs.centered)
-    module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
+    module = _dispatch.auto_module if backend is None else None
+    if module is None:
+        module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
+    # The common case costs the least: the backend takes C-contiguous, aligned, writeable arrays
+    # as they are, or declines without writing anything.
+    if module.update_if_ready(coeffs, param, grad, square_avg, momentum_buffer, grad_avg):
+        return
+    check_writeable(param, square_avg, momentum_buffer, grad_avg)
     if module is numpy_reference or _all_kernel_ready(param, grad, square_avg, momentum_buffer, grad_avg):
         module.update(coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
     else:

@@ -6,6 +6,10 @@ Each backend module provides
   C-contiguous, aligned arrays of one shape (``momentum_buffer`` / ``grad_avg`` are None when
   their flag is off). It may assume the arrays passed validation, except for overlap, which it
   must check itself before writing.
+- ``update_if_ready(coeffs, param, grad, square_avg, momentum_buffer, grad_avg) -> bool``: an
+  optional cheaper path for the common case. It returns False, having written nothing, when the
+  arrays are not C-contiguous, aligned, non-empty and writeable; the caller then checks and
+  gathers as needed and calls ``update``.
 - ``update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs)``: the same over
   lists of arrays of one dtype, in as few kernel calls as the backend can manage.
 - ``roofline(flags, param, grad, square_avg, momentum_buffer, grad_avg)`` (compiled backends):

@@ -21,23 +21,33 @@ except ImportError as exc:  # pragma: no cover - exercised when the extension wa
 
 SIMD_NAMES = ("sse2", "avx2", "avx512")
 _F32 = np.dtype(np.float32)
+# Per dtype: update, multi-tensor update, roofline, buffer ctype (resolved once: from_buffer
+# with a ctype object and positional arguments costs about half of the string/keyword form),
+# pointer-array type, coefficient struct type.
 _ENTRY = {
     _F32: (lib.fastrms_update_f32, lib.fastrms_update_multi_f32, lib.fastrms_roofline_f32,
-           "float[]", "float *", "float *[]", "struct fastrms_coeffs_f32 *"),
+           ffi.typeof("float[]"), "float *", "float *[]", "struct fastrms_coeffs_f32 *"),
     np.dtype(np.float64): (lib.fastrms_update_f64, lib.fastrms_update_multi_f64,
-                           lib.fastrms_roofline_f64, "double[]", "double *", "double *[]",
-                           "struct fastrms_coeffs_f64 *"),
+                           lib.fastrms_roofline_f64, ffi.typeof("double[]"), "double *",
+                           "double *[]", "struct fastrms_coeffs_f64 *"),
 }
 _from_buffer = ffi.from_buffer
 _NULL = ffi.NULL
+_MISALIGNED = lib.FASTRMS_MISALIGNED
+
+
+def _prepared(coeffs: Coefficients) -> tuple:
+    """(kernel, buffer ctype, coefficient struct, flags), built once per Coefficients."""
+    prepared = coeffs.backend_cache.get("c")
+    if prepared is None:
+        entry = _ENTRY[coeffs.dtype]
+        prepared = (entry[0], entry[3], ffi.new(entry[6], coeffs.values), coeffs.flags)
+        coeffs.backend_cache["c"] = prepared
+    return prepared
 
 
 def _coeff_struct(coeffs: Coefficients):
-    struct = coeffs.backend_cache.get("c")
-    if struct is None:
-        struct = ffi.new(_ENTRY[coeffs.dtype][6], coeffs.values)
-        coeffs.backend_cache["c"] = struct
-    return struct
+    return _prepared(coeffs)[2]
 
 
 def _raise_for(status: int, arrays) -> None:
@@ -61,6 +71,35 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
                 n)
     if status:
         _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
+
+
+def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:
+    """The per-call fast path: False, with nothing written, unless every array is non-empty,
+    C-contiguous, aligned and (outputs) writeable. cffi's buffer request proves contiguity and
+    writability; the kernel checks alignment and overlap before it writes. Every line here is
+    paid on every call, which is the whole cost on small arrays.
+    """
+    prepared = coeffs.backend_cache.get("c") or _prepared(coeffs)
+    kernel, buffer_type, struct, flags = prepared
+    n = param.size
+    if n == 0:
+        return False
+    try:
+        status = kernel(
+            struct, flags,
+            _from_buffer(buffer_type, param, True),
+            _from_buffer(buffer_type, grad, False),
+            _from_buffer(buffer_type, square_avg, True),
+            _NULL if momentum_buffer is None else _from_buffer(buffer_type, momentum_buffer, True),
+            _NULL if grad_avg is None else _from_buffer(buffer_type, grad_avg, True),
+            n)
+    except ValueError:  # not C-contiguous, or read-only: the checked slow path
+        return False
+    if status == 0:
+        return True
+    if status == _MISALIGNED:
+        return False
+    _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
 
 
 def _pointer_array(pointer_array_type, buffer_type, arrays, keep):

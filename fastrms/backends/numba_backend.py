@@ -145,6 +145,11 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
         _update_parallel(*arrays, _chunk_size(n), *_kernel_arguments(coeffs))
 
 
+def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:
+    """Numba's call overhead dwarfs the checks, so there is no separate fast path."""
+    return False
+
+
 def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs):
     for k in range(len(params)):
         update(coeffs, params[k], grads[k], square_avgs[k],

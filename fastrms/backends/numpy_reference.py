@@ -54,6 +54,11 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
         grad_avg[...] = a
 
 
+def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:
+    """The reference has no fast path: every call takes the fully checked route."""
+    return False
+
+
 def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs):
     for k in range(len(params)):
         update(coeffs, params[k], grads[k], square_avgs[k],
