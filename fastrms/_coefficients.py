@@ -124,4 +124,5 @@ def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, 
     return Coefficients(rounded, flags, dtype)
 
 
-_cached = lru_cache(maxsize=512)(_compute)
+# typed=True: 1, 1.0 and True hash alike, and a cached float lr must not let lr=True through.
+_cached = lru_cache(maxsize=512, typed=True)(_compute)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import _dispatch
+from ._coefficients import _cached as _cached_coefficients
 from ._coefficients import kernel_coefficients
 from ._validation import (check_arrays, check_no_overlap, check_param, check_writeable,
                           is_kernel_ready)
@@ -30,9 +31,15 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         >>> p.round(8)
         array([0.23162277, 0.36837724, 0.56837725])
     """
-    coeffs = kernel_coefficients(check_param(param), lr, alpha, eps, weight_decay, momentum,
-                                 centered, maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                                 decoupled_weight_decay)
+    dtype = check_param(param)
+    try:  # the cache directly: on small arrays every call layer shows in the timings
+        coeffs = _cached_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
+                                      maximize, eps_in_sqrt, lr_in_momentum, nesterov,
+                                      decoupled_weight_decay)
+    except TypeError:  # an unhashable argument: the uncached route names it
+        coeffs = kernel_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
+                                     maximize, eps_in_sqrt, lr_in_momentum, nesterov,
+                                     decoupled_weight_decay)
     check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                  coeffs.centered)
     module = _dispatch.auto_module if backend is None else None
