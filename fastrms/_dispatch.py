@@ -44,17 +44,12 @@ def use_backend(name: str):
     >>> with fastrms.use_backend("numpy"):
     ...     fastrms.rmsprop_update(p, g, s, lr=0.01)
     """
-    global _active_contexts
     backends.check_name(name)
     token = _context_choice.set(name)
-    _active_contexts += 1
-    _refresh_auto_module()
     try:
         yield
     finally:
         _context_choice.reset(token)
-        _active_contexts -= 1
-        _refresh_auto_module()
 
 
 def requested_backend(argument: str | None) -> tuple[str | None, str]:
@@ -100,14 +95,16 @@ def automatic_choice(size: int, dtype=np.float32, flags: int = 0) -> tuple[str, 
     raise AssertionError("the numpy backend is always available")  # pragma: no cover
 
 
-#: The automatically chosen module, once resolved; None while any override is in force, so that
-#: the per-call fast path is one global read (see rmsprop_update).
+#: The automatically chosen module once resolved, None while set_backend or FASTRMS_BACKEND is
+#: in force. The per-call fast path (see rmsprop_update) reads it after checking that no
+#: use_backend() is in force in the calling context (a context variable: asyncio tasks and
+#: copied contexts inherit it).
 auto_module = None
-_active_contexts = 0
+context_choice = _context_choice.get
 
 
 def _refresh_auto_module() -> None:
-    """Forget the cached automatic module; resolve() caches it again once no override is on."""
+    """Forget the cached automatic module; resolve() caches it again when nothing overrides it."""
     global auto_module
     auto_module = None
 
@@ -119,7 +116,7 @@ def resolve(argument: str | None, size: int, dtype, flags: int):
     if name is not None:
         return load_requested(name, source)
     module = backends.load(automatic_choice(size, dtype, flags)[0])
-    if not _active_contexts and _global_choice is None and _env_choice is None:
+    if _global_choice is None and _env_choice is None:
         # The automatic choice does not depend on size, dtype or variant on the machines
         # measured so far (see automatic_choice), so it is cached for the fast path.
         auto_module = module

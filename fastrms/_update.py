@@ -42,7 +42,7 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
                                      decoupled_weight_decay)
     check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                  coeffs.centered)
-    module = _dispatch.auto_module if backend is None else None
+    module = _dispatch.auto_module if backend is None and _dispatch.context_choice() is None else None
     if module is None:
         module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
     # The common case costs the least: the backend takes C-contiguous, aligned, writeable arrays

@@ -150,8 +150,9 @@ def special_values(dtype) -> np.ndarray:
 
 def random_values(rng, shape, dtype, scale_decades=3) -> np.ndarray:
     """Normal values with magnitudes spread over +-scale_decades decades, and some zeros."""
-    values = rng.standard_normal(shape) * 10.0 ** rng.uniform(-scale_decades, scale_decades, shape)
-    values[rng.random(shape) < 0.05] = 0.0
+    values = np.array(rng.standard_normal(shape)
+                      * 10.0 ** rng.uniform(-scale_decades, scale_decades, shape))
+    values[np.asarray(rng.random(shape) < 0.05)] = 0.0
     return values.astype(dtype)
 
 
@@ -175,7 +176,7 @@ def make_problem(rng, dtype, shape, options, steps=3, special=False):
         return state, grads
     state = {
         "param": random_values(rng, shape, dtype, 1),
-        "square_avg": (rng.random(shape) * 2).astype(dtype),
+        "square_avg": np.array(rng.random(shape) * 2).astype(dtype),
         "momentum_buffer": random_values(rng, shape, dtype, 1) if options["momentum"] else None,
         "grad_avg": random_values(rng, shape, dtype, 1) if options["centered"] else None,
     }

@@ -174,5 +174,9 @@ def describe() -> dict:
 
 # GNU OpenMP's thread pool does not survive fork(); a forked child runs the kernel serially.
 os.register_at_fork(after_in_child=lib.fastrms_after_fork_in_child)
-if os.environ.get("FASTRMS_SIMD"):
-    set_simd_level(os.environ["FASTRMS_SIMD"])
+_simd_cap = os.environ.get("FASTRMS_SIMD")
+if _simd_cap:
+    if _simd_cap not in SIMD_NAMES:
+        # An ImportError makes the registry record the backend as unavailable, with this reason.
+        raise ImportError(f"FASTRMS_SIMD={_simd_cap!r} is not one of {', '.join(SIMD_NAMES)}")
+    set_simd_level(_simd_cap)
