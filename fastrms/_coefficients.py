@@ -35,7 +35,8 @@ class Coefficients:
     coefficients (a C struct, say) next to them.
     """
 
-    __slots__ = ("values", "scalars", "flags", "dtype", "uses_momentum", "centered", "backend_cache")
+    __slots__ = ("values", "scalars", "flags", "dtype", "uses_momentum", "centered",
+                 "optional_streams", "backend_cache")
 
     def __init__(self, values: tuple[float, ...], flags: int, dtype: np.dtype):
         self.values = values
@@ -45,6 +46,7 @@ class Coefficients:
         # Plain attributes, not properties: read on every call of the small-array fast path.
         self.uses_momentum = bool(flags & MOMENTUM)
         self.centered = bool(flags & CENTERED)
+        self.optional_streams = self.uses_momentum or self.centered
         self.backend_cache: dict = {}
 
     def __repr__(self) -> str:

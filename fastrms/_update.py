@@ -1,12 +1,17 @@
 """The public fused update, :func:`rmsprop_update`."""
 from __future__ import annotations
 
+import numpy as np
+
 from . import _dispatch
 from ._coefficients import _cached as _cached_coefficients
-from ._coefficients import kernel_coefficients
+from ._coefficients import FLOAT_DTYPES, kernel_coefficients
 from ._validation import (check_arrays, check_no_overlap, check_param, check_writeable,
                           is_kernel_ready)
 from .backends import numpy_reference
+
+_ndarray = np.ndarray
+_FLOAT32, _FLOAT64 = FLOAT_DTYPES
 
 
 def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
@@ -31,7 +36,12 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         >>> p.round(8)
         array([0.23162277, 0.36837724, 0.56837725])
     """
-    dtype = check_param(param)
+    # Exact type and dtype identity tests accept the common case cheaply; anything else goes to
+    # the full validators, which raise the precise errors. On small arrays the checks are a
+    # large part of the whole cost of a call.
+    dtype = param.dtype if type(param) is _ndarray else None
+    if dtype is not _FLOAT32 and dtype is not _FLOAT64:
+        dtype = check_param(param)
     try:  # the cache directly: on small arrays every call layer shows in the timings
         coeffs = _cached_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
                                       maximize, eps_in_sqrt, lr_in_momentum, nesterov,
@@ -40,8 +50,12 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         coeffs = kernel_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
                                      maximize, eps_in_sqrt, lr_in_momentum, nesterov,
                                      decoupled_weight_decay)
-    check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
-                 coeffs.centered)
+    shape = param.shape
+    if not (type(grad) is _ndarray and type(square_avg) is _ndarray and grad.dtype is dtype
+            and square_avg.dtype is dtype and grad.shape == shape and square_avg.shape == shape
+            and momentum_buffer is None and grad_avg is None and not coeffs.optional_streams):
+        check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
+                     coeffs.centered)
     module = _dispatch.auto_module if backend is None and _dispatch.context_choice() is None else None
     if module is None:
         module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
