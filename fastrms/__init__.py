@@ -16,11 +16,15 @@ from ._threads import get_num_threads, set_num_threads
 from ._update import rmsprop_update
 from ._version import __version__
 from .backends import BACKEND_NAMES
+from .flat import FlatParams
+from .optimizer import RMSprop, state_dict_from_arrays, state_dict_to_arrays
 
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "Coefficients",
+    "FlatParams",
+    "RMSprop",
     "__version__",
     "automatic_choice",
     "get_num_threads",
@@ -29,5 +33,7 @@ __all__ = [
     "rmsprop_update",
     "set_backend",
     "set_num_threads",
+    "state_dict_from_arrays",
+    "state_dict_to_arrays",
     "use_backend",
 ]

@@ -10,8 +10,10 @@ Each backend module provides
   optional cheaper path for the common case. It returns False, having written nothing, when the
   arrays are not C-contiguous, aligned, non-empty and writeable; the caller then checks and
   gathers as needed and calls ``update``.
-- ``update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs)``: the same over
-  lists of arrays of one dtype, in as few kernel calls as the backend can manage.
+- ``update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs, *,
+  cache=None)``: the same over lists of arrays of one dtype, in as few kernel calls as the
+  backend can manage. ``cache`` is a dict the caller keeps between calls with the same list
+  objects (all but the gradients): a backend may keep per-list conversions in it.
 - ``roofline(flags, param, grad, square_avg, momentum_buffer, grad_avg)`` (compiled backends):
   the same streams with trivial arithmetic, for benchmarks.
 - ``set_num_threads(n)`` and ``describe()``, a dict for :func:`fastrms.info`.

@@ -150,7 +150,9 @@ def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_
     return False
 
 
-def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs):
+def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs, *,
+                cache=None):
+    """One update per array; ``cache`` (see the C backend) is accepted and not needed."""
     for k in range(len(params)):
         update(coeffs, params[k], grads[k], square_avgs[k],
                momentum_buffers[k] if momentum_buffers is not None else None,

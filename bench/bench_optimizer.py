@@ -1,0 +1,137 @@
+"""RMSprop.step over 200 float32 arrays of 5000 elements: the list path, the FlatParams path and
+``torch.optim.RMSprop(foreach=True)`` on the same values.
+
+``pytest bench --benchmark-only`` times each (``benchmark.group``: one table per variant) and
+records bytes moved, GB/s, the ratio to the FlatParams time and, for FlatParams, the fraction of
+the C roofline in ``extra_info``. Targets (measured and reported, never asserted: timings on
+shared machines are noise): list path at most 2x the FlatParams time; FlatParams at least 15x
+faster than torch foreach.
+
+With ``--benchmark-disable`` the file is a quick correctness test: each step runs once and
+``test_paths_agree`` checks list == FlatParams bit for bit and torch within tolerance.
+"""
+from __future__ import annotations
+
+import time
+import timeit
+
+import numpy as np
+import pytest
+
+from fastrms import backends
+from fastrms.flat import FlatParams
+from fastrms.optimizer import RMSprop
+
+N_ARRAYS, SIZE = 200, 5000
+LR = 1e-3
+#: Constant gradients every step: the centered variant would drive square_avg - grad_avg**2 to
+#: zero and time denormals, so the two variants are the torch paths that stay well-conditioned.
+VARIANTS = {"plain": {}, "momentum": {"momentum": 0.9}}
+#: float32 bytes read + written per element (SPEC.md, "What the memory system allows").
+BYTES_PER_ELEMENT = {"plain": 20, "momentum": 28}
+IMPLEMENTATIONS = ["flat", "list", "torch-foreach"]  # flat first: the others report x_flat
+_best: dict[tuple[str, str], float] = {}
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(SIZE).astype(np.float32) for _ in range(N_ARRAYS)]
+    grads = [rng.standard_normal(SIZE).astype(np.float32) for _ in range(N_ARRAYS)]
+    return params, grads
+
+
+def make_step(name: str, variant: str):
+    """A zero-argument callable doing one optimizer step on arrays it owns, and a function that
+    returns the parameters afterwards as NumPy arrays."""
+    params, grads = _data()
+    options = VARIANTS[variant]
+    if name == "list":
+        opt = RMSprop(params, lr=LR, **options)
+        return (lambda: opt.step(grads)), (lambda: params)
+    if name == "flat":
+        flat = FlatParams(params)
+        for view, g in zip(flat.grads, grads):
+            view[...] = g
+        opt = RMSprop(flat, lr=LR, **options)
+        return opt.step, (lambda: list(flat.params))
+    if name == "torch-foreach":
+        torch = pytest.importorskip("torch")
+        tensors = [torch.from_numpy(p) for p in params]
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g)
+        opt = torch.optim.RMSprop(tensors, lr=LR, foreach=True, **options)
+        return opt.step, (lambda: [t.detach().numpy() for t in tensors])
+    raise ValueError(name)
+
+
+def _warm_up(step, seconds=0.3):
+    # Fresh memory on these VMs runs slowly for a while after first touch; time steady state.
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        step()
+
+
+def _roofline_seconds(variant: str, flat_opt_buffers) -> float | None:
+    if not backends.availability("c")[0]:
+        return None
+    from fastrms._coefficients import MOMENTUM
+    from fastrms.backends import c_backend
+
+    param, grad, square, momentum = flat_opt_buffers
+    flags = MOMENTUM if variant == "momentum" else 0
+    call = lambda: c_backend.roofline(flags, param, grad, square, momentum)  # noqa: E731
+    _warm_up(call, 0.1)
+    return min(timeit.repeat(call, number=50, repeat=5)) / 50
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_step(benchmark, name, variant):
+    step, read_params = make_step(name, variant)
+    step()  # first use (page faults, lazy imports) outside the timing
+    benchmark.group = f"RMSprop.step {variant}: {N_ARRAYS} x {SIZE} float32"
+    moved = BYTES_PER_ELEMENT[variant] * N_ARRAYS * SIZE
+    benchmark.extra_info["bytes_moved"] = moved
+    if not benchmark.disabled:
+        _warm_up(step)
+    benchmark(step)
+    assert all(np.isfinite(p).all() for p in read_params())
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return
+    best, median = stats.stats.min, stats.stats.median
+    _best[(name, variant)] = best
+    benchmark.extra_info["GB/s (min)"] = round(moved / best / 1e9, 2)
+    benchmark.extra_info["GB/s (median)"] = round(moved / median / 1e9, 2)
+    flat_best = _best.get(("flat", variant))
+    if name != "flat" and flat_best:
+        benchmark.extra_info["x_flat (min)"] = round(best / flat_best, 2)
+    if name == "flat":
+        flat = FlatParams(_data()[0])
+        f32 = np.dtype(np.float32)
+        buffers = (flat.param_buffers[f32], flat.grad_buffers[f32],
+                   np.zeros(N_ARRAYS * SIZE, np.float32),
+                   np.zeros(N_ARRAYS * SIZE, np.float32) if variant == "momentum" else None)
+        roof = _roofline_seconds(variant, buffers)
+        if roof:
+            benchmark.extra_info["fraction_of_roofline"] = round(roof / best, 3)
+
+
+def test_paths_agree():
+    """One step on each path: list and FlatParams give the same bits; torch agrees to a few
+    float32 ulps of the parameter scale (see tests/test_optimizer.py for the bound)."""
+    for variant in VARIANTS:
+        results = {}
+        for name in IMPLEMENTATIONS:
+            try:
+                step, read_params = make_step(name, variant)
+            except pytest.skip.Exception:
+                continue
+            step()
+            step()
+            results[name] = [np.array(p) for p in read_params()]
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(results["list"], results["flat"]))
+        if "torch-foreach" in results:
+            for ours, theirs in zip(results["flat"], results["torch-foreach"]):
+                scale = np.spacing(np.float32(np.abs(theirs).max()))
+                assert np.abs(ours.astype(np.float64) - theirs).max() <= 16 * scale
