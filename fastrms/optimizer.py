@@ -10,7 +10,6 @@ steps, so that it can convert the lists that do not change (parameters, state vi
 """
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from collections.abc import Mapping
@@ -387,7 +386,7 @@ class RMSprop:
                      views["momentum_buffer"] if coeffs.flags & MOMENTUM else None,
                      views["grad_avg"] if coeffs.flags & CENTERED else None)
         update_many = module.update_many
-        if bucket.unready or not _takes_cache(update_many):
+        if bucket.unready:  # params holds fresh copies: nothing worth keeping
             update_many(*arguments)
         else:
             # Our params and state-view lists are the same objects every step (allocate()
@@ -760,21 +759,6 @@ def _check_grad(k: int, g, dtype, shape) -> None:
         raise TypeError(f"grads[{k}] has dtype {g.dtype} but its parameter has dtype {dtype}")
     if g.shape != shape:
         raise ValueError(f"grads[{k}] has shape {g.shape} but its parameter has shape {shape}")
-
-
-_takes_cache_memo: dict = {}
-
-
-def _takes_cache(update_many) -> bool:
-    """Whether a backend's update_many accepts ``cache=`` (see the backend registry)."""
-    takes = _takes_cache_memo.get(update_many)
-    if takes is None:
-        try:
-            takes = "cache" in inspect.signature(update_many).parameters
-        except (TypeError, ValueError):
-            takes = False
-        _takes_cache_memo[update_many] = takes
-    return takes
 
 
 def _pointer_or_null(g):
