@@ -401,9 +401,9 @@ class _Spy:
         self.calls = 0
         original = module.update_many
 
-        def update_many(*args):
+        def update_many(*args, **kwargs):
             self.calls += 1
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(module, "update_many", update_many)
 
