@@ -1,84 +1,88 @@
-"""The fused update against the NumPy formula, the reference and the roofline.
+"""The fused update against the NumPy formula, the reference, the peers and the roofline.
 
-``pytest bench --benchmark-only`` times every implementation at each size (``benchmark.group``
-is one table per size, dtype and variant) and records bytes moved, GB/s and the fraction of the
-roofline in ``extra_info``. The last test reads this session's timings and checks the speed
-targets as ratios measured in this one process (the machines are noisy, so never absolute times).
-With ``--benchmark-disable`` the same file is a quick smoke test: every implementation runs once.
+``pytest bench --benchmark-only`` times every implementation of :mod:`fastrms.report.registry`
+(the same list ``fastrms bench`` reports) at each size. ``benchmark.group`` gives one table per
+size, dtype and variant, and ``extra_info`` records bytes moved, GB/s and the fraction of the
+roofline. The last test reads this session's timings and checks the speed targets as ratios
+measured in this one process; the machines are noisy, so it never uses absolute times.
+``--bench-large`` adds 10^8 elements. With ``--benchmark-disable`` the same file is a quick smoke
+test: every implementation runs once.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from implementations import IMPLEMENTATIONS, VARIANTS, bytes_moved, make
+from fastrms.report import registry
 
 SIZES = [10**3, 10**5, 10**7]
 LARGE_SIZES = [10**8]
 DTYPES = [np.float32, np.float64]
-_results: dict[tuple, float] = {}  # (impl, variant, dtype name, n) -> best seconds per step
-
-
-def _sizes(config):
-    return SIZES + (LARGE_SIZES if config.getoption("--bench-large") else [])
+_best: dict[tuple, float] = {}  # (implementation, variant, dtype name, n) -> best s per step
 
 
 def pytest_generate_tests(metafunc):
     if "n" in metafunc.fixturenames:
-        metafunc.parametrize("n", _sizes(metafunc.config), ids=lambda n: f"n=1e{len(str(n)) - 1}")
+        sizes = SIZES + (LARGE_SIZES if metafunc.config.getoption("--bench-large") else [])
+        metafunc.parametrize("n", sizes, ids=lambda n: f"n=1e{len(str(n)) - 1}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("variant", list(registry.VARIANTS))
+@pytest.mark.parametrize("name", [impl.name for impl in registry.IMPLEMENTATIONS])
 def test_update(benchmark, name, variant, dtype, n):
-    if n >= 10**7 and name in ("numpy-reference",) and np.dtype(dtype).itemsize == 8:
-        pytest.skip("the multi-pass reference at this size adds minutes and no information")
-    try:
-        step = make(name, variant, dtype, n)
-    except LookupError as exc:
-        pytest.skip(str(exc))
-    step()  # compile / warm up outside the timing
+    if name == "fastrms-numpy" and n >= 10**7 and np.dtype(dtype).itemsize == 8:
+        pytest.skip("the multi-pass reference at this size adds a minute and no information")
+    implementation = registry.get(name)
+    available, reason = implementation.availability()
+    if not available:
+        pytest.skip(f"{name} is absent: {reason}")
+    step = implementation.make(variant, registry.make_state(variant, dtype, n))
+    step()  # compile and warm up outside the timing
     dtype_name = np.dtype(dtype).name
+    moved = registry.bytes_moved(variant, dtype, n)
     benchmark.group = f"{variant} {dtype_name} n={n:.0e}"
-    benchmark.extra_info["bytes_moved"] = bytes_moved(variant, dtype, n)
+    benchmark.extra_info["bytes_moved"] = moved
     benchmark(step)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable
         return
     best = stats.stats.min
-    _results[(name, variant, dtype_name, n)] = best
-    benchmark.extra_info["GB/s"] = round(bytes_moved(variant, dtype, n) / best / 1e9, 2)
-    roof = _results.get(("roofline-c", variant, dtype_name, n))
-    if roof:
-        benchmark.extra_info["fraction_of_roofline"] = round(roof / best, 3)
+    _best[(name, variant, dtype_name, n)] = best
+    benchmark.extra_info["GB/s"] = round(moved / best / 1e9, 2)
+    roofline = _best.get(("roofline", variant, dtype_name, n))
+    if roofline:
+        benchmark.extra_info["fraction_of_roofline"] = round(roofline / best, 3)
 
 
-# Speed targets (issue: core): (numerator impl, denominator impl, variant, n, minimum ratio).
-# ratio = time(numerator) / time(denominator), on float32.
-TARGETS = [(f"roofline-c", impl, variant, 10**7, 0.90)
-           for impl in ("c", "numba") for variant in VARIANTS] + \
-          [("numpy-formula", impl, variant, 10**7, 8.0) for impl in ("c", "numba") for variant in VARIANTS] + \
-          [("numpy-formula", "auto", variant, 10**3, 3.0) for variant in VARIANTS]
+# The speed targets of the core issue, on float32: (slower, faster, variant, n, minimum) means
+# time(slower) / time(faster) >= minimum. A fraction of the roofline of at least 0.9 is
+# time(roofline) / time(backend) >= 0.9.
+TARGETS = ([("roofline", backend, variant, 10**7, 0.90)
+            for backend in ("fastrms-c", "fastrms-numba") for variant in registry.VARIANTS]
+           + [("numpy-formula", backend, variant, 10**7, 8.0)
+              for backend in ("fastrms-c", "fastrms-numba") for variant in registry.VARIANTS]
+           + [("numpy-formula", "fastrms-auto", variant, 10**3, 3.0)
+              for variant in registry.VARIANTS])
 
 
 def test_speed_targets(request):
-    """Check the targets as ratios of this session's timings (runs last in this file)."""
-    if request.config.getoption("benchmark_disable", False) or not _results:
+    """Check the targets as ratios of this session's best timings (runs last in this file)."""
+    if request.config.getoption("benchmark_disable", False) or not _best:
         pytest.skip("needs timings: run with --benchmark-only")
     lines, missed = [], []
-    for numerator, denominator, variant, n, minimum in TARGETS:
-        top = _results.get((numerator, variant, "float32", n))
-        bottom = _results.get((denominator, variant, "float32", n))
+    for slower, faster, variant, n, minimum in TARGETS:
+        top = _best.get((slower, variant, "float32", n))
+        bottom = _best.get((faster, variant, "float32", n))
         if top is None or bottom is None:
             continue
         ratio = top / bottom
-        verdict = "ok" if ratio >= minimum else "MISSED"
-        line = f"{denominator:>8} {variant:>9} n={n:.0e}: {numerator}/{denominator} = {ratio:6.2f} (target >= {minimum})  {verdict}"
+        line = (f"{faster:>14} {variant:>9} n={n:.0e}: {slower}/{faster} = {ratio:6.2f} "
+                f"(target >= {minimum})  {'ok' if ratio >= minimum else 'MISSED'}")
         lines.append(line)
         if ratio < minimum:
             missed.append(line)
-    print("\n" + "\n".join(lines))
     if not lines:
         pytest.skip("the implementations the targets compare were not run")
+    print("\n" + "\n".join(lines))
     assert not missed, "speed targets missed:\n" + "\n".join(missed)

@@ -115,6 +115,8 @@ def resolve(argument: str | None, size: int, dtype, flags: int):
     name, source = requested_backend(argument)
     if name is not None:
         return load_requested(name, source)
+    if auto_module is not None:
+        return auto_module
     module = backends.load(automatic_choice(size, dtype, flags)[0])
     if _global_choice is None and _env_choice is None:
         # The automatic choice does not depend on size, dtype or variant on the machines

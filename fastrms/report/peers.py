@@ -1,0 +1,148 @@
+"""Step factories for the peers: torch.optim.RMSprop, numexpr and optax under jax.jit.
+
+Each takes ``(variant, state)`` as the registry's factories do and imports its library when
+called. The hyperparameters are the registry's (lr, alpha, eps, momentum).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .registry import ALPHA, EPS, LR, MOMENTUM_VALUE
+
+
+def _torch(variant: str, state: dict, foreach: bool):
+    """torch.optim.RMSprop on tensors that share memory with the arrays (torch.from_numpy):
+    param, grad and torch's own state (square_avg, momentum_buffer, grad_avg) are the arrays'
+    memory, so torch moves the same bytes as every other row and nothing is copied."""
+    import torch
+
+    param = torch.from_numpy(state["param"])
+    param.grad = torch.from_numpy(state["grad"])
+    optimizer = torch.optim.RMSprop([param], lr=LR, alpha=ALPHA, eps=EPS,
+                                    momentum=MOMENTUM_VALUE if variant == "momentum" else 0.0,
+                                    centered=variant == "centered", foreach=foreach)
+    # Pre-filled state: torch initialises a parameter's state only when it finds it empty.
+    torch_state = {"step": torch.tensor(0.0), "square_avg": torch.from_numpy(state["square_avg"])}
+    if variant == "momentum":
+        torch_state["momentum_buffer"] = torch.from_numpy(state["momentum_buffer"])
+    if variant == "centered":
+        torch_state["grad_avg"] = torch.from_numpy(state["grad_avg"])
+    optimizer.state[param] = torch_state
+    return optimizer.step
+
+
+def torch_forloop(variant: str, state: dict):
+    return _torch(variant, state, foreach=False)
+
+
+def torch_foreach(variant: str, state: dict):
+    return _torch(variant, state, foreach=True)
+
+
+_NUMEXPR = {
+    # output -> expression, evaluated in this order (each line reads the outputs before it).
+    "plain": (("square_avg", "s * alpha + (c1ma * g) * g"),
+              ("param", "p - lr * g / (sqrt(s) + eps)")),
+    "momentum": (("square_avg", "s * alpha + (c1ma * g) * g"),
+                 ("momentum_buffer", "b * mom + g / (sqrt(s) + eps)"),
+                 ("param", "p - lr * b")),
+    "centered": (("square_avg", "s * alpha + (c1ma * g) * g"),
+                 ("grad_avg", "a + c1ma * (g - a)"),
+                 ("param", "p - lr * g / (sqrt(s - a * a) + eps)")),
+}
+_SHORT = {"param": "p", "grad": "g", "square_avg": "s", "momentum_buffer": "b", "grad_avg": "a"}
+
+
+def numexpr_step(variant: str, state: dict):
+    """numexpr: one compiled expression per output array, evaluated in place (out= the array it
+    updates). numexpr evaluates block by block on its own threads, so each output is one pass,
+    but an output cannot feed the next expression within the pass: 2 or 3 passes per step."""
+    import numexpr
+
+    dtype = state["param"].dtype.type
+    names = {_SHORT[k]: v for k, v in state.items()}
+    names.update(alpha=dtype(ALPHA), c1ma=dtype(1 - ALPHA), eps=dtype(EPS), lr=dtype(LR),
+                 mom=dtype(MOMENTUM_VALUE))
+    lines = [(expression, {name: value for name, value in names.items()
+                           if _mentions(expression, name)}, state[output])
+             for output, expression in _NUMEXPR[variant]]
+    evaluate = numexpr.evaluate  # caches each compiled expression by text and signature
+
+    def step():
+        for expression, local_dict, out in lines:
+            evaluate(expression, local_dict=local_dict, out=out)
+    return step
+
+
+def _mentions(expression: str, name: str) -> bool:
+    return re.search(rf"\b{name}\b", expression) is not None
+
+
+def optax_step(variant: str, state: dict):
+    """optax.rmsprop (eps outside the square root, as torch) under jax.jit, with the parameters
+    and optimizer state donated so XLA can update them in place. jax needs arrays of its own
+    (the gradient too), so this row starts from copies of the state; each step blocks until
+    the result is ready. optax keeps lr inside the momentum buffer: the same streams.
+
+    float64 needs jax's x64 mode. It is switched on around each call (a context manager,
+    about a microsecond), never for the whole process, where it would change every other jax
+    user's default dtype."""
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    wide = state["param"].dtype == np.float64
+    # jax.enable_x64 is the current spelling; older JAX had it in jax.experimental.
+    x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+    with x64(True) if wide else contextlib.nullcontext():
+        transform = optax.rmsprop(LR, decay=ALPHA, eps=EPS, eps_in_sqrt=False,
+                                  centered=variant == "centered",
+                                  momentum=MOMENTUM_VALUE if variant == "momentum" else None)
+        params = jnp.array(state["param"])
+        grads = jnp.array(state["grad"])
+        opt_state = _seeded(transform.init(params), state, jnp)
+
+    def update(params, opt_state, grads):
+        updates, opt_state = transform.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    jitted = jax.jit(update, donate_argnums=(0, 1))
+    current = [params, opt_state]
+    block = jax.block_until_ready
+
+    def step32():
+        params, opt_state = jitted(current[0], current[1], grads)
+        current[0], current[1] = params, opt_state
+        block(params)
+        block(opt_state)
+
+    def step64():
+        with x64(True):
+            step32()
+
+    step = step64 if wide else step32
+    step.current = current  # the live [params, opt_state], for tests
+    return step
+
+
+#: optax state field -> the state array that starts it.
+_OPTAX_FIELDS = {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum_buffer"}
+
+
+def _seeded(opt_state, state: dict, jnp):
+    """optax's state with nu / mu / trace started from copies of our arrays, so its first step
+    is the same step as every other row's."""
+    if hasattr(opt_state, "_fields"):  # a NamedTuple state
+        changes = {field: jnp.array(state[_OPTAX_FIELDS[field]])
+                   for field in opt_state._fields
+                   if field in _OPTAX_FIELDS and state.get(_OPTAX_FIELDS[field]) is not None}
+        rest = {field: _seeded(getattr(opt_state, field), state, jnp)
+                for field in opt_state._fields if field not in changes}
+        return opt_state._replace(**changes, **rest)
+    if isinstance(opt_state, (tuple, list)):
+        return type(opt_state)(_seeded(item, state, jnp) for item in opt_state)
+    return opt_state

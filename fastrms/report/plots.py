@@ -1,0 +1,161 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed).
+
+Importing this module imports matplotlib; callers import it only when they write a figure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+from .bench import NOISY_CORES  # noqa: E402  (cells timed while other processes were busy)
+
+#: Line styles by implementation kind: fastrms solid and thick, baselines dotted, peers dashed.
+_STYLE = {"fastrms": dict(linestyle="-", linewidth=2.0, marker="o", markersize=4),
+          "baseline": dict(linestyle=":", linewidth=1.6, marker="s", markersize=4),
+          "peer": dict(linestyle="--", linewidth=1.4, marker="^", markersize=4)}
+_ROOFLINE_STYLE = dict(color="black", linestyle=(0, (6, 3)), linewidth=2.8, marker="",
+                       zorder=5)
+
+
+def plot_bandwidth(report: dict, path) -> Path:
+    """GB/s against size (log x), one panel per dtype and variant, one line per implementation;
+    the roofline kernel drawn thick, black and dashed."""
+    dtypes = report["settings"]["dtypes"]
+    variants = report["settings"]["variants"]
+    kinds = {impl["name"]: impl["kind"] for impl in report["implementations"]}
+    names = [impl["name"] for impl in report["implementations"] if impl["available"]]
+    colors = dict(zip([n for n in names if kinds[n] != "roofline"],
+                      plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors))
+    fig, axes = plt.subplots(len(dtypes), len(variants), squeeze=False, sharex=True,
+                             figsize=(4.6 * len(variants), 3.6 * len(dtypes) + 1.2))
+    handles = {}
+    for i, dtype in enumerate(dtypes):
+        for j, variant in enumerate(variants):
+            ax = axes[i][j]
+            for name in names:
+                rows = sorted((r for r in report["results"] if r["name"] == name
+                               and r["dtype"] == dtype and r["variant"] == variant
+                               and "gb_per_s" in r), key=lambda r: r["n"])
+                if not rows:
+                    continue
+                style = (_ROOFLINE_STYLE if kinds[name] == "roofline"
+                         else dict(_STYLE.get(kinds[name], {}), color=colors[name]))
+                label = "roofline (same streams, trivial arithmetic)" if kinds[name] == "roofline" else name
+                (line,) = ax.plot([r["n"] for r in rows], [r["gb_per_s"] for r in rows],
+                                  label=label, **style)
+                handles.setdefault(label, line)
+            noisy = sorted({r["n"] for r in report["results"]
+                            if r["dtype"] == dtype and r["variant"] == variant
+                            and (r.get("others_busy_cores") or 0) > NOISY_CORES})
+            for n in noisy:  # timed while other processes were busy: shade, do not hide
+                band = ax.axvspan(n / 1.6, n * 1.6, color="0.88", zorder=0)
+                handles.setdefault(f"other processes busy > {NOISY_CORES} cores", band)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.grid(True, which="major", alpha=0.35)
+            ax.set_title(f"{dtype}, {variant}")
+            if i == len(dtypes) - 1:
+                ax.set_xlabel("elements")
+            if j == 0:
+                ax.set_ylabel("GB/s (bytes moved / median time)")
+    machine = report["machine"]
+    others = report.get("others_busy_cores")
+    busy = "" if others is None else f"; other processes kept {others:.2f} cores busy"
+    fig.suptitle(f"fastrms update throughput: {machine['cpu_model']}, {machine['cores_usable']} "
+                 f"cores, SIMD {machine['simd_level']}, {machine['threads']['fastrms']} "
+                 f"thread(s), {report['date'][:10]}\n"
+                 f"median of interleaved repetitions, one process{busy}", fontsize=11)
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=min(6, len(handles)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.09 if len(handles) > 6 else 0.06, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training(history: dict, path) -> Path:
+    """Loss per step, test accuracy per epoch and time per optimizer step, one colour per
+    optimizer. Where runs give the same numbers the line styles (solid, dashed, dotted) let
+    every curve show through.
+
+    ``history``: optimizer name -> {"loss": [per step], "epoch_test_accuracy": [per epoch],
+    "optimizer_seconds": float, "steps": int}.
+    """
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                              gridspec_kw={"width_ratios": [1.4, 1, 0.8]})
+    styles = [dict(linestyle="-", linewidth=2.6), dict(linestyle="--", linewidth=1.8),
+              dict(linestyle=":", linewidth=1.8)]
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for (name, record), style, color in zip(history.items(), styles * 3, colors * 3):
+        loss = np.asarray(record["loss"], dtype=float)
+        left.plot(np.arange(1, loss.size + 1), loss, label=name, color=color, **style)
+        accuracy = record["epoch_test_accuracy"]
+        middle.plot(np.arange(1, len(accuracy) + 1), accuracy, marker="o", label=name,
+                    color=color, **style)
+    left.set_yscale("log")
+    left.set_xlabel("step (minibatch)")
+    left.set_ylabel("training loss (cross-entropy)")
+    left.set_title("loss per step")
+    middle.set_xlabel("epoch")
+    middle.set_ylabel("test accuracy")
+    middle.set_title("test accuracy per epoch")
+    for ax in (left, middle):
+        ax.grid(True, alpha=0.35)
+        ax.legend(fontsize=9)
+    names = list(history)
+    per_step = [history[n]["optimizer_seconds"] / max(history[n]["steps"], 1) * 1e6 for n in names]
+    bars = right.bar(names, per_step, color=colors[:len(names)])
+    right.bar_label(bars, fmt="%.0f", fontsize=9)
+    right.set_ylabel("microseconds per step()")
+    right.set_title("time inside the optimizer")
+    right.tick_params(axis="x", labelsize=9)
+    fig.suptitle("MLP on scikit-learn digits: the same initial weights, batches and NumPy "
+                 "gradients into each optimizer")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_paths(function, paths: dict, path, *, extent, title: str) -> Path:
+    """Optimizer paths (name -> array of shape (steps + 1, 2)) over the contours of
+    ``function(x, y)`` on ``extent = (xmin, xmax, ymin, ymax)``."""
+    xmin, xmax, ymin, ymax = extent
+    x, y = np.meshgrid(np.linspace(xmin, xmax, 400), np.linspace(ymin, ymax, 400))
+    z = function(x, y)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    levels = np.geomspace(max(z.min(), 1e-3), z.max(), 18)
+    ax.contour(x, y, z, levels=levels, colors="0.65", linewidths=0.7)
+    colors = ("tab:red", "tab:orange", "tab:blue", "tab:green")
+    for k, ((name, points), color) in enumerate(zip(paths.items(), colors)):
+        # Later paths on top, with smaller dots, so that paths sharing the valley floor
+        # all stay visible; a square marks where each one ends.
+        distance = float(np.hypot(*points[-1]))
+        ax.plot(points[:, 0], points[:, 1], marker="o", markersize=4.5 - k, linewidth=1.4,
+                color=color, zorder=3 + k,
+                label=f"{name}: {len(points) - 1} steps, ends {distance:.2g} from the minimum")
+        ax.plot(*points[-1], marker="s", markersize=8, color=color, markeredgecolor="black",
+                linestyle="", zorder=10 + k)
+    start = next(iter(paths.values()))[0]
+    ax.plot(*start, marker="*", markersize=14, color="black", linestyle="", label="start")
+    ax.plot(0, 0, marker="X", markersize=11, color="gold", markeredgecolor="black",
+            linestyle="", label="minimum")
+    ax.set_xlim(xmin, xmax)
+    ax.set_ylim(ymin, ymax)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
