@@ -36,7 +36,7 @@ class Coefficients:
     """
 
     __slots__ = ("values", "scalars", "flags", "dtype", "uses_momentum", "centered",
-                 "optional_streams", "backend_cache")
+                 "backend_cache")
 
     def __init__(self, values: tuple[float, ...], flags: int, dtype: np.dtype):
         self.values = values
@@ -46,7 +46,6 @@ class Coefficients:
         # Plain attributes, not properties: read on every call of the small-array fast path.
         self.uses_momentum = bool(flags & MOMENTUM)
         self.centered = bool(flags & CENTERED)
-        self.optional_streams = self.uses_momentum or self.centered
         self.backend_cache: dict = {}
 
     def __repr__(self) -> str:

@@ -51,9 +51,15 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
                                      maximize, eps_in_sqrt, lr_in_momentum, nesterov,
                                      decoupled_weight_decay)
     shape = param.shape
-    if not (type(grad) is _ndarray and type(square_avg) is _ndarray and grad.dtype is dtype
-            and square_avg.dtype is dtype and grad.shape == shape and square_avg.shape == shape
-            and momentum_buffer is None and grad_avg is None and not coeffs.optional_streams):
+    accepted = (type(grad) is _ndarray and type(square_avg) is _ndarray and grad.dtype is dtype
+                and square_avg.dtype is dtype and grad.shape == shape and square_avg.shape == shape)
+    if accepted and (momentum_buffer is not None or coeffs.uses_momentum):
+        accepted = (coeffs.uses_momentum and type(momentum_buffer) is _ndarray
+                    and momentum_buffer.dtype is dtype and momentum_buffer.shape == shape)
+    if accepted and (grad_avg is not None or coeffs.centered):
+        accepted = (coeffs.centered and type(grad_avg) is _ndarray and grad_avg.dtype is dtype
+                    and grad_avg.shape == shape)
+    if not accepted:
         check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                      coeffs.centered)
     module = _dispatch.auto_module if backend is None and _dispatch.context_choice() is None else None

@@ -146,11 +146,25 @@ def _fastrms_step(backend: str | None):
     def factory(variant: str, state: dict):
         import fastrms
 
-        kwargs = dict(VARIANTS[variant], lr=LR, alpha=ALPHA, eps=EPS, backend=backend)
         update = fastrms.rmsprop_update
+        p, g, s = state["param"], state["grad"], state["square_avg"]
+        # Explicit arguments, as user code writes them: unpacking dicts on every call would add
+        # a few hundred nanoseconds, which is a tenth of a small step.
+        if variant == "momentum":
+            b = state["momentum_buffer"]
 
-        def step():
-            update(**state, **kwargs)
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS, momentum=MOMENTUM_VALUE,
+                       momentum_buffer=b, backend=backend)
+        elif variant == "centered":
+            a = state["grad_avg"]
+
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS, centered=True, grad_avg=a,
+                       backend=backend)
+        else:
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS, backend=backend)
         return step
     return factory
 
