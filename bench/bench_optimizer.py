@@ -3,8 +3,8 @@
 
 ``pytest bench --benchmark-only`` times each (``benchmark.group``: one table per variant) and
 records bytes moved, GB/s, the ratio to the FlatParams time and, for FlatParams, the fraction of
-the C roofline in ``extra_info``. Targets (measured and reported, never asserted: timings on
-shared machines are noise): list path at most 2x the FlatParams time; FlatParams at least 15x
+the C roofline in ``extra_info``. ``test_speed_targets`` (last) checks the targets as ratios of
+this session's best timings: list path at most 2x the FlatParams time; FlatParams at least 15x
 faster than torch foreach.
 
 With ``--benchmark-disable`` the file is a quick correctness test: each step runs once and
@@ -135,3 +135,37 @@ def test_paths_agree():
             for ours, theirs in zip(results["flat"], results["torch-foreach"]):
                 scale = np.spacing(np.float32(np.abs(theirs).max()))
                 assert np.abs(ours.astype(np.float64) - theirs).max() <= 16 * scale
+
+
+def _target_ratios() -> list[tuple[str, float, float, bool]]:
+    """(description, ratio, bound, ratio must be at most the bound) for what was timed."""
+    ratios = []
+    for variant in sorted({v for _, v in _best}):
+        flat, listed, torch_foreach = (_best.get((name, variant))
+                                       for name in ("flat", "list", "torch-foreach"))
+        if flat and listed:
+            ratios.append((f"{variant}: list / flat", listed / flat, 2.0, True))
+        if flat and torch_foreach:
+            ratios.append((f"{variant}: torch-foreach / flat", torch_foreach / flat, 15.0, False))
+    return ratios
+
+
+def test_speed_targets(benchmark, request):
+    """Check the targets (runs last in this file). It goes through the benchmark fixture, one
+    round, so that --benchmark-only runs it; the ratios land in extra_info."""
+    if request.config.getoption("benchmark_disable", False) or not _best:
+        pytest.skip("needs timings: run with --benchmark-only")
+    benchmark.group = "speed targets (ratios of the timings above)"
+    ratios = benchmark.pedantic(_target_ratios, rounds=1, iterations=1)
+    if not ratios:
+        pytest.skip("the paths the targets compare were not run")
+    lines = []
+    for what, ratio, bound, at_most in ratios:
+        met = ratio <= bound if at_most else ratio >= bound
+        lines.append(f"{what} = {ratio:6.2f} (target {'<=' if at_most else '>='} {bound})  "
+                     f"{'ok' if met else 'MISSED'}")
+    benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _, _ in ratios}
+    print("\n" + "\n".join(lines))
+    missed = [line for line in lines if line.endswith("MISSED")]
+    assert not missed, "speed targets missed:\n" + "\n".join(missed)
+
