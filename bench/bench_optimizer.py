@@ -21,6 +21,7 @@ import pytest
 from fastrms import backends
 from fastrms.flat import FlatParams
 from fastrms.optimizer import RMSprop
+from targets import Ratio, check_targets
 
 N_ARRAYS, SIZE = 200, 5000
 LR = 1e-3
@@ -137,8 +138,7 @@ def test_paths_agree():
                 assert np.abs(ours.astype(np.float64) - theirs).max() <= 16 * scale
 
 
-def _target_ratios() -> list[tuple[str, float, float, bool]]:
-    """(description, ratio, bound, ratio must be at most the bound) for what was timed."""
+def _target_ratios() -> list[Ratio]:
     ratios = []
     for variant in sorted({v for _, v in _best}):
         flat, listed, torch_foreach = (_best.get((name, variant))
@@ -151,21 +151,5 @@ def _target_ratios() -> list[tuple[str, float, float, bool]]:
 
 
 def test_speed_targets(benchmark, request):
-    """Check the targets (runs last in this file). It goes through the benchmark fixture, one
-    round, so that --benchmark-only runs it; the ratios land in extra_info."""
-    if request.config.getoption("benchmark_disable", False) or not _best:
-        pytest.skip("needs timings: run with --benchmark-only")
-    benchmark.group = "speed targets (ratios of the timings above)"
-    ratios = benchmark.pedantic(_target_ratios, rounds=1, iterations=1)
-    if not ratios:
-        pytest.skip("the paths the targets compare were not run")
-    lines = []
-    for what, ratio, bound, at_most in ratios:
-        met = ratio <= bound if at_most else ratio >= bound
-        lines.append(f"{what} = {ratio:6.2f} (target {'<=' if at_most else '>='} {bound})  "
-                     f"{'ok' if met else 'MISSED'}")
-    benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _, _ in ratios}
-    print("\n" + "\n".join(lines))
-    missed = [line for line in lines if line.endswith("MISSED")]
-    assert not missed, "speed targets missed:\n" + "\n".join(missed)
-
+    """Check the targets as ratios of this session's best timings (runs last in this file)."""
+    check_targets(benchmark, request, _target_ratios)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fastrms.report import registry
+from targets import Ratio, check_targets
 
 SIZES = [10**3, 10**5, 10**7]
 LARGE_SIZES = [10**8]
@@ -66,32 +67,17 @@ TARGETS = ([("roofline", backend, variant, 10**7, 0.90)
               for variant in registry.VARIANTS])
 
 
-def _target_ratios() -> list[tuple[str, float, float]]:
-    """(description, measured ratio, minimum) for each target both sides of which were timed."""
+def _target_ratios() -> list[Ratio]:
     ratios = []
     for slower, faster, variant, n, minimum in TARGETS:
         top = _best.get((slower, variant, "float32", n))
         bottom = _best.get((faster, variant, "float32", n))
         if top is not None and bottom is not None:
-            ratios.append((f"{faster} {variant} n={n:.0e}: {slower}/{faster}", top / bottom, minimum))
+            ratios.append((f"{faster} {variant} n={n:.0e}: {slower}/{faster}", top / bottom,
+                           minimum, False))
     return ratios
 
 
 def test_speed_targets(benchmark, request):
-    """Check the targets as ratios of this session's best timings (runs last in this file).
-
-    It goes through the benchmark fixture (one round, no timing of interest) so that
-    --benchmark-only runs it, and it stores the ratios in extra_info for --benchmark-json.
-    """
-    if request.config.getoption("benchmark_disable", False) or not _best:
-        pytest.skip("needs timings: run with --benchmark-only")
-    benchmark.group = "speed targets (ratios of the timings above)"
-    ratios = benchmark.pedantic(_target_ratios, rounds=1, iterations=1)
-    if not ratios:
-        pytest.skip("the implementations the targets compare were not run")
-    lines = [f"{what} = {ratio:6.2f} (target >= {minimum})  {'ok' if ratio >= minimum else 'MISSED'}"
-             for what, ratio, minimum in ratios]
-    benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _ in ratios}
-    print("\n" + "\n".join(lines))
-    missed = [line for line in lines if line.endswith("MISSED")]
-    assert not missed, "speed targets missed:\n" + "\n".join(missed)
+    """Check the targets as ratios of this session's best timings (runs last in this file)."""
+    check_targets(benchmark, request, _target_ratios)
