@@ -17,7 +17,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised when the extension was not built
     raise ImportError(
         "the C extension fastrms._fastrms_c was not built (install with `pip install .` and a C "
-        f"compiler; {exc})") from exc
+        "compiler; inside the source tree, `pip install -e .`, since the tree's own fastrms/ "
+        f"shadows the installed package there; {exc})") from exc
 
 SIMD_NAMES = ("sse2", "avx2", "avx512")
 _F32 = np.dtype(np.float32)
