@@ -27,10 +27,10 @@ _F32 = np.dtype(np.float32)
 # pointer-array type, coefficient struct type.
 _ENTRY = {
     _F32: (lib.fastrms_update_f32, lib.fastrms_update_multi_f32, lib.fastrms_roofline_f32,
-           ffi.typeof("float[]"), "float *", "float *[]", "struct fastrms_coeffs_f32 *"),
+           ffi.typeof("float[]"), "float *[]", "struct fastrms_coeffs_f32 *"),
     np.dtype(np.float64): (lib.fastrms_update_f64, lib.fastrms_update_multi_f64,
-                           lib.fastrms_roofline_f64, ffi.typeof("double[]"), "double *",
-                           "double *[]", "struct fastrms_coeffs_f64 *"),
+                           lib.fastrms_roofline_f64, ffi.typeof("double[]"), "double *[]",
+                           "struct fastrms_coeffs_f64 *"),
 }
 _from_buffer = ffi.from_buffer
 _NULL = ffi.NULL
@@ -42,7 +42,7 @@ def _prepared(coeffs: Coefficients) -> tuple:
     prepared = coeffs.backend_cache.get("c")
     if prepared is None:
         entry = _ENTRY[coeffs.dtype]
-        prepared = (entry[0], entry[3], ffi.new(entry[6], coeffs.values), coeffs.flags)
+        prepared = (entry[0], entry[3], ffi.new(entry[5], coeffs.values), coeffs.flags)
         coeffs.backend_cache["c"] = prepared
     return prepared
 
@@ -62,7 +62,7 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
     n = param.size
     if n == 0:
         return
-    fn, _, _, buffer_type, _, _, _ = _ENTRY[param.dtype]
+    fn, _, _, buffer_type, _, _ = _ENTRY[param.dtype]
     status = fn(_coeff_struct(coeffs), coeffs.flags,
                 _from_buffer(buffer_type, param),
                 _from_buffer(buffer_type, grad),
@@ -121,7 +121,7 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
     count = len(params)
     if count == 0:
         return
-    _, fn, _, buffer_type, _, pointer_array_type, _ = _ENTRY[coeffs.dtype]
+    _, fn, _, buffer_type, pointer_array_type, _ = _ENTRY[coeffs.dtype]
     keep = []
     streams = [_cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep)
                if arrays is not None else _NULL
@@ -154,7 +154,7 @@ def _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays,
 
 def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
     """The same streams as the update (chosen by flags), trivial arithmetic: the speed limit."""
-    _, _, fn, buffer_type, _, _, _ = _ENTRY[param.dtype]
+    _, _, fn, buffer_type, _, _ = _ENTRY[param.dtype]
     if param.size == 0:
         return
     status = fn(flags & (CENTERED | MOMENTUM), _from_buffer(buffer_type, param),
