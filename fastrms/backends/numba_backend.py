@@ -100,6 +100,20 @@ def _roofline_parallel(P, G, S, B, A, centered, use_momentum):
         P[i] += S[i]
 
 
+# GNU OpenMP (Numba's "omp" threading layer here) does not survive fork(): Numba kills a forked
+# child that launches a parallel region once the parent has. Such a child runs the serial
+# kernel instead, which gives the same bits.
+_parallel_used = False
+_serial_only = False
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only
+    _serial_only = _serial_only or _parallel_used
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _UNUSED = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0, np.float64)}
 _threads = numba.get_num_threads()
 
@@ -138,10 +152,10 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
     dtype = param.dtype
     arrays = (param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
               _flat(momentum_buffer, dtype), _flat(grad_avg, dtype))
-    if n < PARALLEL_THRESHOLD or _threads == 1:
+    if n < PARALLEL_THRESHOLD or _threads == 1 or _serial_only:
         _update_flat(*arrays, *_kernel_arguments(coeffs))
     else:
-        _apply_thread_count()
+        _mark_parallel_used()
         _update_parallel(*arrays, _chunk_size(n), *_kernel_arguments(coeffs))
 
 
@@ -160,11 +174,20 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
 
 
 def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    if _serial_only:
+        raise RuntimeError("the Numba roofline is parallel-only and cannot run in a process "
+                           "forked after Numba's OpenMP layer ran")
     dtype = param.dtype
-    _apply_thread_count()
+    _mark_parallel_used()
     _roofline_parallel(param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
                        _flat(momentum_buffer, dtype), _flat(grad_avg, dtype),
                        bool(flags & CENTERED), bool(flags & MOMENTUM))
+
+
+def _mark_parallel_used() -> None:
+    global _parallel_used
+    _parallel_used = True
+    _apply_thread_count()
 
 
 def _apply_thread_count() -> None:
@@ -192,4 +215,5 @@ def describe() -> dict:
         "threading_layer": layer,
         "cache": CACHE,
         "parallel_threshold": PARALLEL_THRESHOLD,
+        "serial_only_after_fork": _serial_only,
     }
