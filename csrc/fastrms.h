@@ -59,6 +59,7 @@ int fastrms_max_simd_level(void);
 /* Use a lower level (tests prove all levels give the same bits). Returns the level now in use. */
 int fastrms_set_simd_level(int level);
 
+/* n = 0: follow OpenMP's setting (OMP_NUM_THREADS, omp_set_num_threads) call by call. */
 void fastrms_set_num_threads(int n);
 int fastrms_get_num_threads(void);
 int fastrms_openmp_enabled(void);

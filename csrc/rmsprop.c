@@ -26,7 +26,9 @@ enum { SIMD_BASELINE, SIMD_AVX2, SIMD_AVX512, SIMD_LEVELS };
 
 static int detected_simd_level = -1;
 static int active_simd_level = -1;
-static int requested_threads = 0; /* 0: OpenMP's default, read on first use */
+/* 0 until fastrms_set_num_threads: then the team size follows OpenMP's own setting
+ * (OMP_NUM_THREADS, omp_set_num_threads, and so threadpoolctl's limits) call by call. */
+static int requested_threads = 0;
 static int forked_child = 0;
 
 static int detect_simd_level(void) {
@@ -67,13 +69,12 @@ int fastrms_openmp_enabled(void) {
 #endif
 }
 
-void fastrms_set_num_threads(int n) { requested_threads = n < 1 ? 1 : n; }
+void fastrms_set_num_threads(int n) { requested_threads = n < 0 ? 0 : n; }
 
 int fastrms_get_num_threads(void) {
     if (forked_child) return 1;
 #ifdef _OPENMP
-    if (requested_threads == 0) requested_threads = omp_get_max_threads();
-    return requested_threads;
+    return requested_threads ? requested_threads : omp_get_max_threads();
 #else
     return 1;
 #endif

@@ -49,7 +49,7 @@ for function in ("_update_parallel", "_update_flat"):
     st = getattr(nb, function).stats
     stats[function] = {"hits": sum(st.cache_hits.values()), "misses": sum(st.cache_misses.values()),
                        "path": st.cache_path}
-print(json.dumps({"stats": stats, "threads": nb._threads, "cache": nb.CACHE}))
+print(json.dumps({"stats": stats, "threads": nb._thread_count(), "cache": nb.CACHE}))
 """
 
 

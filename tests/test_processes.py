@@ -8,10 +8,14 @@
 - The compiled backends release the GIL: two Python threads on separate buffers run at the same
   time (their calls overlap), and many threads at once give the bits of running them in turn.
 - A step allocates nothing proportional to the array size.
+- Thread counts: until set explicitly, they follow OpenMP's setting, so threadpoolctl's limits
+  govern fastrms like the other OpenMP libraries in the process; and they never exceed the
+  usable cores.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -149,3 +153,44 @@ def test_a_step_allocates_nothing_proportional_to_the_size(name, variant):
     finally:
         tracemalloc.stop()
     assert peak < 2**20, f"{name} {variant}: a step allocated {peak} bytes at its peak"
+
+
+@pytest.fixture
+def threads_follow_openmp(restore_threads):
+    fastrms.set_num_threads(None)
+    yield
+    fastrms.set_num_threads(None)
+
+
+def _effective_threads() -> dict:
+    counts = {"fastrms": fastrms.get_num_threads()}
+    loaded = backends.loaded_backends()
+    if "numba" in loaded:
+        counts["numba"] = loaded["numba"]._thread_count()
+    return counts
+
+
+def test_threadpoolctl_limits_govern_the_compiled_backends(threads_follow_openmp):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    for name in COMPILED:
+        require_backend(name)
+        backends.load(name)
+    p, g, s = _problem(0, ABOVE_THRESHOLD)
+    fastrms.rmsprop_update(p, g, s, lr=1e-3)  # the OpenMP runtime is loaded and has run
+    before = _effective_threads()
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert set(_effective_threads().values()) == {1}
+        expected = [a.copy() for a in (p, g, s)]
+        fastrms.rmsprop_update(p, g, s, lr=1e-3)
+    assert _effective_threads() == before
+    with fastrms.use_backend("numpy"):
+        fastrms.rmsprop_update(*expected, lr=1e-3)
+    assert p.tobytes() == expected[0].tobytes()
+
+
+def test_thread_count_never_exceeds_the_usable_cores(threads_follow_openmp):
+    usable = len(os.sched_getaffinity(0))
+    fastrms.set_num_threads(usable + 7)
+    assert fastrms.get_num_threads() == usable
+    assert all(count <= usable for count in _effective_threads().values())
+

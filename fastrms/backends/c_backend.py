@@ -165,8 +165,9 @@ def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None
         _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
 
 
-def set_num_threads(n: int) -> None:
-    lib.fastrms_set_num_threads(n)
+def set_num_threads(n: int | None) -> None:
+    """n threads, or None to follow OpenMP's own setting call by call."""
+    lib.fastrms_set_num_threads(0 if n is None else n)
 
 
 def get_num_threads() -> int:

@@ -115,7 +115,15 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _UNUSED = {np.dtype(np.float32): np.zeros(0, np.float32), np.dtype(np.float64): np.zeros(0, np.float64)}
-_threads = numba.get_num_threads()
+#: Set by set_num_threads; until then the count follows fastrms.get_num_threads() call by call.
+_explicit_threads: int | None = None
+
+
+def _thread_count() -> int:
+    from .. import _threads  # late: _threads imports the registry, which imports this module
+
+    wanted = _explicit_threads if _explicit_threads is not None else _threads.get_num_threads()
+    return max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
 
 
 def _options(flags: int) -> tuple:
@@ -138,9 +146,9 @@ def _flat(array, dtype):
     return _UNUSED[dtype] if array is None else array.reshape(-1)
 
 
-def _chunk_size(n: int) -> int:
+def _chunk_size(n: int, threads: int) -> int:
     """Elements per prange iteration: a few chunks per thread, each a multiple of 64 bytes."""
-    chunk = -(-n // (4 * _threads))
+    chunk = -(-n // (4 * threads))
     return -(-chunk // 16) * 16
 
 
@@ -152,11 +160,12 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
     dtype = param.dtype
     arrays = (param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
               _flat(momentum_buffer, dtype), _flat(grad_avg, dtype))
-    if n < PARALLEL_THRESHOLD or _threads == 1 or _serial_only:
+    threads = 1 if n < PARALLEL_THRESHOLD or _serial_only else _thread_count()
+    if threads == 1:
         _update_flat(*arrays, *_kernel_arguments(coeffs))
     else:
-        _mark_parallel_used()
-        _update_parallel(*arrays, _chunk_size(n), *_kernel_arguments(coeffs))
+        _mark_parallel_used(threads)
+        _update_parallel(*arrays, _chunk_size(n, threads), *_kernel_arguments(coeffs))
 
 
 def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:
@@ -178,28 +187,24 @@ def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None
         raise RuntimeError("the Numba roofline is parallel-only and cannot run in a process "
                            "forked after Numba's OpenMP layer ran")
     dtype = param.dtype
-    _mark_parallel_used()
+    _mark_parallel_used(_thread_count())
     _roofline_parallel(param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
                        _flat(momentum_buffer, dtype), _flat(grad_avg, dtype),
                        bool(flags & CENTERED), bool(flags & MOMENTUM))
 
 
-def _mark_parallel_used() -> None:
+def _mark_parallel_used(threads: int) -> None:
     global _parallel_used
     _parallel_used = True
-    _apply_thread_count()
-
-
-def _apply_thread_count() -> None:
     # Numba's thread count is per calling thread; apply ours in whichever thread calls.
-    if numba.get_num_threads() != _threads:
-        numba.set_num_threads(_threads)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
 
 
-def set_num_threads(n: int) -> None:
-    global _threads
-    _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(_threads)
+def set_num_threads(n: int | None) -> None:
+    """n threads, or None to follow fastrms.get_num_threads() call by call."""
+    global _explicit_threads
+    _explicit_threads = None if n is None else max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
 
 
 def describe() -> dict:
@@ -211,7 +216,7 @@ def describe() -> dict:
         "available": True,
         "reason": "numba loaded",
         "version": numba.__version__,
-        "threads": _threads,
+        "threads": _thread_count(),
         "threading_layer": layer,
         "cache": CACHE,
         "parallel_threshold": PARALLEL_THRESHOLD,

@@ -68,7 +68,7 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
                grad_avgs[k] if grad_avgs is not None else None)
 
 
-def set_num_threads(n: int) -> None:
+def set_num_threads(n: int | None) -> None:
     """The reference is single-threaded; NumPy's own threads are not ours to change."""
 
 
