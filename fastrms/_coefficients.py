@@ -54,11 +54,14 @@ class Coefficients:
         return f"Coefficients({body}, flags={self.flags}, dtype={self.dtype})"
 
 
-def _check_real(name: str, value, *, lower: float = 0.0, upper: float | None = None,
+def check_real(name: str, value, *, lower: float = 0.0, upper: float | None = None,
                 upper_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int or Fraction beyond the float range
+        raise ValueError(f"{name} must be finite, got a number beyond the float64 range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if value < lower:
@@ -90,11 +93,11 @@ def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, 
     dtype = np.dtype(dtype)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    lr = _check_real("lr", lr)
-    alpha = _check_real("alpha", alpha, upper=1.0, upper_open=True)
-    eps = _check_real("eps", eps)
-    weight_decay = _check_real("weight_decay", weight_decay)
-    momentum = _check_real("momentum", momentum)
+    lr = check_real("lr", lr)
+    alpha = check_real("alpha", alpha, upper=1.0, upper_open=True)
+    eps = check_real("eps", eps)
+    weight_decay = check_real("weight_decay", weight_decay)
+    momentum = check_real("momentum", momentum)
     for name, flag in (("centered", centered), ("maximize", maximize), ("eps_in_sqrt", eps_in_sqrt),
                        ("lr_in_momentum", lr_in_momentum), ("nesterov", nesterov),
                        ("decoupled_weight_decay", decoupled_weight_decay)):
@@ -121,8 +124,17 @@ def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, 
             flags |= NESTEROV
 
     in_float64 = (alpha, 1.0 - alpha, eps, -lr, lr, weight_decay, momentum, 1.0 - lr * weight_decay)
-    rounded = tuple(np.array(in_float64, dtype=np.float64).astype(dtype).tolist())
-    return Coefficients(rounded, flags, dtype)
+    with np.errstate(over="ignore"):
+        rounded = np.array(in_float64, dtype=np.float64).astype(dtype)
+    if not np.isfinite(rounded).all():
+        culprits = sorted({_SOURCES[i] for i in np.flatnonzero(~np.isfinite(rounded)).tolist()})
+        raise ValueError(f"{' and '.join(culprits)} too large for {dtype}: a kernel coefficient "
+                         f"would be infinite")
+    return Coefficients(tuple(rounded.tolist()), flags, dtype)
+
+
+#: The hyperparameters each coefficient comes from, for error messages.
+_SOURCES = ("alpha", "alpha", "eps", "lr", "lr", "weight_decay", "momentum", "lr * weight_decay")
 
 
 # typed=True: 1, 1.0 and True hash alike, and a cached float lr must not let lr=True through.

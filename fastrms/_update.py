@@ -6,8 +6,8 @@ import numpy as np
 from . import _dispatch
 from ._coefficients import _cached as _cached_coefficients
 from ._coefficients import FLOAT_DTYPES, kernel_coefficients
-from ._validation import (check_arrays, check_no_overlap, check_param, check_writeable,
-                          is_kernel_ready)
+from ._validation import (check_arrays, check_no_internal_overlap, check_no_overlap,
+                          check_param, check_writeable, is_kernel_ready)
 from .backends import numpy_reference
 
 _ndarray = np.ndarray
@@ -62,6 +62,10 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     if not accepted:
         check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                      coeffs.centered)
+        # Subclasses (np.matrix, masked arrays) are updated as the plain memory they hold.
+        param, grad, square_avg, momentum_buffer, grad_avg = (
+            a if a is None or type(a) is _ndarray else a.view(_ndarray)
+            for a in (param, grad, square_avg, momentum_buffer, grad_avg))
     module = _dispatch.auto_module if backend is None and _dispatch.context_choice() is None else None
     if module is None:
         module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
@@ -70,6 +74,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     if module.update_if_ready(coeffs, param, grad, square_avg, momentum_buffer, grad_avg):
         return
     check_writeable(param, square_avg, momentum_buffer, grad_avg)
+    check_no_internal_overlap(param=param, square_avg=square_avg,
+                              momentum_buffer=momentum_buffer, grad_avg=grad_avg)
     if module is numpy_reference or _all_kernel_ready(param, grad, square_avg, momentum_buffer, grad_avg):
         module.update(coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
     else:

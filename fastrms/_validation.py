@@ -91,3 +91,20 @@ def is_kernel_ready(array) -> bool:
     """True when a compiled kernel can use the array's memory directly as a flat buffer."""
     flags = array.flags
     return flags.c_contiguous and flags.aligned
+
+
+def check_no_internal_overlap(**named_arrays) -> None:
+    """Raise ValueError naming the first output whose own elements may share memory (a zero or
+    overlapping stride, as np.lib.stride_tricks.as_strided can make): an elementwise update of
+    such an array has no well-defined result. Conservative: it trusts only layouts whose
+    strides, sorted, each step over everything inside them."""
+    for name, array in named_arrays.items():
+        if array is None or array.size <= 1 or array.flags.c_contiguous or array.flags.f_contiguous:
+            continue
+        extent = array.itemsize
+        for stride, length in sorted((abs(st), n) for n, st in zip(array.shape, array.strides) if n > 1):
+            if stride < extent:
+                raise ValueError(f"{name} overlaps itself in memory (strides {array.strides} "
+                                 f"for shape {array.shape}); outputs need one element per address")
+            extent += stride * (length - 1)
+

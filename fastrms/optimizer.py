@@ -20,8 +20,8 @@ import numpy as np
 
 from . import _dispatch, presets
 from ._coefficients import (CENTERED, FLOAT_DTYPES, LR_IN_MOMENTUM, MOMENTUM, Coefficients,
-                            kernel_coefficients)
-from ._validation import is_kernel_ready
+                            check_real, kernel_coefficients)
+from ._validation import check_no_internal_overlap, is_kernel_ready
 from .flat import FlatParams
 
 try:
@@ -192,6 +192,9 @@ class RMSprop:
             group = _make_group(g, raw, defaults, preset_row.name)
             for k, p in enumerate(group["params"]):
                 _check_param(p, f"param_groups[{g}]['params'][{k}]")
+            # Subclasses (np.matrix, masked arrays) are updated as the plain memory they hold.
+            group["params"] = [p if type(p) is np.ndarray else p.view(np.ndarray)
+                               for p in group["params"]]
             all_params.extend(group["params"])
             self.param_groups.append(group)
         if not all_params:
@@ -230,7 +233,11 @@ class RMSprop:
                                      self._flat.grad_buffers[dtype])
                 else:
                     bucket = _Bucket(g, dtype, members, params)
-                bucket.allocate("square_avg", float(group["initial_square_avg"]))
+                with np.errstate(over="ignore"):
+                    initial = dtype.type(group["initial_square_avg"])
+                if not np.isfinite(initial):
+                    raise ValueError(f"param_groups[{g}]: initial_square_avg too large for {dtype}")
+                bucket.allocate("square_avg", initial)
                 if group["momentum"] != 0 or self._always_momentum:
                     bucket.allocate("momentum_buffer", 0.0)
                 if group["centered"]:
@@ -343,6 +350,8 @@ class RMSprop:
         if not fits:
             for k, (g, dtype, shape) in enumerate(zip(grads, self._dtype_list, self._shape_list)):
                 _check_grad(k, g, dtype, shape)
+            # Subclasses (np.matrix, masked arrays) are read as the plain memory they hold.
+            grads = [g if type(g) is _ndarray else g.view(_ndarray) for g in grads]
         try:
             keep = _ffi.new(_POINTER_ARRAY, [_from_buffer(_CHAR_ARRAY, g) for g in grads])
         except (ValueError, BufferError):  # some are not C-contiguous: NULL marks them
@@ -716,12 +725,7 @@ def _check_hyperparameters(hyper: Mapping, where: str) -> None:
                             hyper["momentum"], hyper["centered"], hyper["maximize"],
                             hyper["eps_in_sqrt"], hyper["lr_in_momentum"], hyper["nesterov"],
                             hyper["decoupled_weight_decay"])
-        initial = hyper["initial_square_avg"]
-        if isinstance(initial, bool) or not isinstance(initial, Real):
-            raise TypeError(f"initial_square_avg must be a real number, got "
-                            f"{type(initial).__name__}")
-        if not math.isfinite(initial) or initial < 0:
-            raise ValueError(f"initial_square_avg must be finite and >= 0, got {initial}")
+        check_real("initial_square_avg", hyper["initial_square_avg"])
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: {exc}") from None
 
@@ -734,6 +738,7 @@ def _check_param(p, where: str) -> None:
                         f"got {p.dtype}")
     if not p.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
+    check_no_internal_overlap(**{where: p})
 
 
 def _check_params_disjoint(params: list) -> None:
@@ -817,7 +822,10 @@ def _check_step(step, where: str) -> int:
         step = step.item()
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, Real):
         raise TypeError(f"{where}['step'] must be a number, got {type(step).__name__}")
-    value = float(step)
+    try:
+        value = float(step)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value) or value < 0 or value != int(value):
         raise ValueError(f"{where}['step'] must be a finite non-negative integer, got {step!r}")
     return int(value)
