@@ -9,13 +9,13 @@ STREAM_NAMES = ("param", "grad", "square_avg", "momentum_buffer", "grad_avg")
 _ndarray = np.ndarray
 
 
-def check_param(param) -> np.dtype:
-    """Check that param is a float32 / float64 ndarray; return its dtype."""
+def check_param(param, name: str = "param") -> np.dtype:
+    """Check that a parameter is a float32 / float64 ndarray; return its dtype."""
     if not isinstance(param, _ndarray):
-        raise TypeError(f"param must be a numpy.ndarray, got {type(param).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(param).__name__}")
     dtype = param.dtype
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"param must have dtype float32 or float64 (native byte order), got {dtype}")
+        raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), got {dtype}")
     return dtype
 
 

@@ -19,9 +19,9 @@ import cffi
 import numpy as np
 
 from . import _dispatch, presets
-from ._coefficients import (CENTERED, FLOAT_DTYPES, LR_IN_MOMENTUM, MOMENTUM, Coefficients,
+from ._coefficients import (CENTERED, LR_IN_MOMENTUM, MOMENTUM, Coefficients,
                             check_real, kernel_coefficients)
-from ._validation import check_no_internal_overlap, is_kernel_ready
+from ._validation import check_no_internal_overlap, check_param, is_kernel_ready
 from .flat import FlatParams
 
 try:
@@ -731,11 +731,7 @@ def _check_hyperparameters(hyper: Mapping, where: str) -> None:
 
 
 def _check_param(p, where: str) -> None:
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{where} must be a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where} must have dtype float32 or float64 (native byte order), "
-                        f"got {p.dtype}")
+    check_param(p, where)
     if not p.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
     check_no_internal_overlap(**{where: p})

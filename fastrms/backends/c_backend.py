@@ -47,31 +47,11 @@ def _prepared(coeffs: Coefficients) -> tuple:
     return prepared
 
 
-def _coeff_struct(coeffs: Coefficients):
-    return _prepared(coeffs)[2]
-
-
 def _raise_for(status: int, arrays) -> None:
     if status == lib.FASTRMS_OVERLAP:
         check_no_overlap(*arrays)  # names the pair
         raise ValueError("two of the arrays overlap in memory")  # pragma: no cover
     raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
-
-
-def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
-    n = param.size
-    if n == 0:
-        return
-    fn, _, _, buffer_type, _, _ = _ENTRY[param.dtype]
-    status = fn(_coeff_struct(coeffs), coeffs.flags,
-                _from_buffer(buffer_type, param),
-                _from_buffer(buffer_type, grad),
-                _from_buffer(buffer_type, square_avg),
-                _NULL if momentum_buffer is None else _from_buffer(buffer_type, momentum_buffer),
-                _NULL if grad_avg is None else _from_buffer(buffer_type, grad_avg),
-                n)
-    if status:
-        _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
 
 
 def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:
@@ -103,6 +83,14 @@ def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_
     _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
 
 
+def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    """The registry's contract: the arrays are checked and kernel-ready (C-contiguous, aligned,
+    outputs writeable), so the fast path can only decline an empty call."""
+    if param.size and not update_if_ready(coeffs, param, grad, square_avg, momentum_buffer,
+                                          grad_avg):
+        raise ValueError("the C backend needs C-contiguous, aligned, writeable arrays")
+
+
 def _pointer_array(pointer_array_type, buffer_type, arrays, keep):
     cdatas = [_from_buffer(buffer_type, a) if a.size else _NULL for a in arrays]
     keep.append(cdatas)
@@ -132,7 +120,7 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
         lengths = (params, ffi.new("size_t[]", [a.size for a in params]))
         if cache is not None:
             cache["lengths"] = lengths
-    status = fn(_coeff_struct(coeffs), coeffs.flags, *streams, lengths[1], count)
+    status = fn(_prepared(coeffs)[2], coeffs.flags, *streams, lengths[1], count)
     if status:
         for k in range(count):
             check_no_overlap(params[k], grads[k], square_avgs[k],
