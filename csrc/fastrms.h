@@ -10,6 +10,7 @@
 #define FASTRMS_MOMENTUM 32
 #define FASTRMS_LR_IN_MOMENTUM 64
 #define FASTRMS_NESTEROV 128
+#define FASTRMS_GRAD_SCALE 256
 
 /* Return codes. Nothing is written unless the code is FASTRMS_OK. */
 #define FASTRMS_OK 0
@@ -17,13 +18,18 @@
 #define FASTRMS_NULL_BUFFER -2
 #define FASTRMS_OVERLAP -3
 #define FASTRMS_MISALIGNED -4
+#define FASTRMS_BAD_SCALE -5
 
-/* Coefficients, already rounded to the array dtype by fastrms/_coefficients.py. */
+/* Coefficients, already rounded to the array dtype by fastrms/_coefficients.py. grad_scale is
+ * 1 unless FASTRMS_GRAD_SCALE is set; grad_scale_inverse is 1 / grad_scale when that is exact in
+ * the dtype (a power of two), else 0. */
 struct fastrms_coeffs_f32 {
-    float alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay;
+    float alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay, grad_scale,
+        grad_scale_inverse;
 };
 struct fastrms_coeffs_f64 {
-    double alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay;
+    double alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay, grad_scale,
+        grad_scale_inverse;
 };
 
 /* One fused pass over n elements. momentum_buffer and grad_avg may be NULL when their flag is off. */
@@ -45,6 +51,16 @@ int fastrms_update_multi_f64(const struct fastrms_coeffs_f64 *coeffs, unsigned f
                              double **params, double **grads, double **square_avgs,
                              double **momentum_buffers, double **grad_avgs,
                              const size_t *lengths, size_t count);
+
+/* The non-finite check of a (loss-scaled) step: 1 when every gradient element divided by
+ * grad_scale (1 for none) is finite in the dtype, 0 when one is not, or a negative return code.
+ * Reads only; one thread team for all the tensors. */
+int fastrms_all_finite_f32(const float *grad, size_t n, float grad_scale);
+int fastrms_all_finite_f64(const double *grad, size_t n, double grad_scale);
+int fastrms_all_finite_multi_f32(float **grads, const size_t *lengths, size_t count,
+                                 float grad_scale);
+int fastrms_all_finite_multi_f64(double **grads, const size_t *lengths, size_t count,
+                                 double grad_scale);
 
 /* The roofline: the same streams as the update (chosen by the CENTERED and MOMENTUM flags),
  * the same threading, trivial arithmetic. Benchmarks divide by its time. */

@@ -2,6 +2,7 @@
  * The arithmetic lives in rmsprop_kernel.h; this file holds what both element types share. */
 #include <stddef.h>
 #include <stdint.h>
+#include <float.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -10,11 +11,12 @@
 #include "fastrms.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+#define NOINLINE __attribute__((noinline))
 #define TARGET_AVX2 __attribute__((target("avx2")))
 #define TARGET_AVX512 \
     __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,prefer-vector-width=512")))
 
-#define FASTRMS_ALL_FLAGS 255u
+#define FASTRMS_ALL_FLAGS 511u
 enum { DECAY_NONE, DECAY_COUPLED, DECAY_DECOUPLED };
 enum { MOMENTUM_NONE, MOMENTUM_TORCH, MOMENTUM_LR_INSIDE };
 enum { SIMD_BASELINE, SIMD_AVX2, SIMD_AVX512, SIMD_LEVELS };
@@ -127,15 +129,23 @@ static int first_overlap(const void *const buffers[5], size_t nbytes) {
 #define T float
 #define SFX f32
 #define SQRT sqrtf
+#define ABS fabsf
+#define T_MAX FLT_MAX
 #include "rmsprop_kernel.h"
 #undef T
 #undef SFX
 #undef SQRT
+#undef ABS
+#undef T_MAX
 
 #define T double
 #define SFX f64
 #define SQRT sqrt
+#define ABS fabs
+#define T_MAX DBL_MAX
 #include "rmsprop_kernel.h"
 #undef T
 #undef SFX
 #undef SQRT
+#undef ABS
+#undef T_MAX

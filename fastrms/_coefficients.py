@@ -22,15 +22,19 @@ WD_DECOUPLED = 16
 MOMENTUM = 32
 LR_IN_MOMENTUM = 64
 NESTEROV = 128
+GRAD_SCALE = 256
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: The coefficients in kernel order (the field order of the C structs in csrc/fastrms.h).
+COEFFICIENT_NAMES = ("alpha", "one_minus_alpha", "eps", "neg_lr", "lr", "weight_decay", "momentum",
+                     "decay", "grad_scale", "grad_scale_inverse")
 
 
 class Coefficients:
     """Kernel coefficients for one dtype, each exactly representable in that dtype.
 
-    ``values`` holds (alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay)
-    as Python floats; ``scalars`` holds the same as NumPy scalars of ``dtype``; ``flags`` is the
+    ``values`` holds the coefficients named in :data:`COEFFICIENT_NAMES` as Python floats
+    (``grad_scale_inverse`` is 1 / grad_scale where that is exact in ``dtype``, else 0); ``scalars`` holds the same as NumPy scalars of ``dtype``; ``flags`` is the
     bitwise OR of the option flags. ``backend_cache`` lets a backend keep its own form of these
     coefficients (a C struct, say) next to them.
     """
@@ -49,8 +53,7 @@ class Coefficients:
         self.backend_cache: dict = {}
 
     def __repr__(self) -> str:
-        names = ("alpha", "one_minus_alpha", "eps", "neg_lr", "lr", "weight_decay", "momentum", "decay")
-        body = ", ".join(f"{n}={v!r}" for n, v in zip(names, self.values))
+        body = ", ".join(f"{n}={v!r}" for n, v in zip(COEFFICIENT_NAMES, self.values))
         return f"Coefficients({body}, flags={self.flags}, dtype={self.dtype})"
 
 
@@ -73,23 +76,26 @@ def check_real(name: str, value, *, lower: float = 0.0, upper: float | None = No
 
 def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                         centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
-                        nesterov=False, decoupled_weight_decay=False) -> Coefficients:
+                        nesterov=False, decoupled_weight_decay=False,
+                        grad_scale=None) -> Coefficients:
     """Validate hyperparameters and return the coefficients for arrays of ``dtype``.
 
-    Raises ``TypeError`` / ``ValueError`` naming the offending hyperparameter.
+    ``grad_scale`` (a loss scale; None or 1 for none) makes the kernels divide each gradient by
+    it first, in the dtype. Raises ``TypeError`` / ``ValueError`` naming the offending
+    hyperparameter.
     """
     try:
         return _cached(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                       eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay)
+                       eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     except TypeError as exc:  # unhashable argument: validate uncached to get the real message
         if "unhashable" not in str(exc):
             raise
         return _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                        eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay)
+                        eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
 
 
 def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
-             lr_in_momentum, nesterov, decoupled_weight_decay) -> Coefficients:
+             lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale=None) -> Coefficients:
     dtype = np.dtype(dtype)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -105,6 +111,12 @@ def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, 
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if nesterov and momentum == 0.0:
         raise ValueError("nesterov requires momentum > 0")
+    if grad_scale is None:
+        grad_scale = 1.0
+    else:
+        grad_scale = check_real("grad_scale", grad_scale)
+        if grad_scale == 0.0:
+            raise ValueError("grad_scale must be > 0, got 0.0")
 
     flags = 0
     if maximize:
@@ -123,18 +135,33 @@ def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, 
         if nesterov:
             flags |= NESTEROV
 
-    in_float64 = (alpha, 1.0 - alpha, eps, -lr, lr, weight_decay, momentum, 1.0 - lr * weight_decay)
-    with np.errstate(over="ignore"):
+    in_float64 = (alpha, 1.0 - alpha, eps, -lr, lr, weight_decay, momentum, 1.0 - lr * weight_decay,
+                  grad_scale)
+    with np.errstate(over="ignore", under="ignore"):
         rounded = np.array(in_float64, dtype=np.float64).astype(dtype)
     if not np.isfinite(rounded).all():
         culprits = sorted({_SOURCES[i] for i in np.flatnonzero(~np.isfinite(rounded)).tolist()})
         raise ValueError(f"{' and '.join(culprits)} too large for {dtype}: a kernel coefficient "
                          f"would be infinite")
-    return Coefficients(tuple(rounded.tolist()), flags, dtype)
+    values = rounded.tolist()
+    scale = values[-1]
+    if scale == 0.0:
+        raise ValueError(f"grad_scale {grad_scale} is zero in {dtype}")
+    # Dividing by exactly 1 changes no bits: skip the division.
+    if scale != 1.0:
+        flags |= GRAD_SCALE
+    # A power of two has an exact reciprocal (if the dtype holds it), and multiplying by an
+    # exact reciprocal rounds the same exact quotient as dividing: the same bits, faster.
+    inverse = 1.0 / scale
+    with np.errstate(over="ignore"):
+        exact = math.frexp(scale)[0] == 0.5 and float(dtype.type(inverse)) == inverse
+    values.append(inverse if exact else 0.0)
+    return Coefficients(tuple(values), flags, dtype)
 
 
 #: The hyperparameters each coefficient comes from, for error messages.
-_SOURCES = ("alpha", "alpha", "eps", "lr", "lr", "weight_decay", "momentum", "lr * weight_decay")
+_SOURCES = ("alpha", "alpha", "eps", "lr", "lr", "weight_decay", "momentum", "lr * weight_decay",
+            "grad_scale")
 
 
 # typed=True: 1, 1.0 and True hash alike, and a cached float lr must not let lr=True through.

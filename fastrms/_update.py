@@ -17,7 +17,7 @@ _FLOAT32, _FLOAT64 = FLOAT_DTYPES
 def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
                    momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
                    lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
-                   momentum_buffer=None, grad_avg=None, backend=None):
+                   momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None):
     """One RMSProp step, in place, in one fused pass over memory.
 
     Updates ``param``, ``square_avg`` and, when used, ``momentum_buffer`` (required exactly when
@@ -25,6 +25,9 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     SPEC.md; every backend gives the NumPy reference's bits. The defaults are torch's
     (``torch.optim.RMSprop``): eps outside the square root, lr outside the momentum buffer,
     coupled (L2) weight decay.
+
+    ``grad_scale``: a loss scale to undo. The kernel divides each gradient element by it (in the
+    array dtype) before anything else, which gives the bits of passing ``grad / grad_scale``.
 
     Every argument is checked before anything is written; bad input raises ``TypeError`` or
     ``ValueError`` naming the argument and leaves every array untouched.
@@ -45,11 +48,11 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     try:  # the cache directly: on small arrays every call layer shows in the timings
         coeffs = _cached_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
                                       maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                                      decoupled_weight_decay)
+                                      decoupled_weight_decay, grad_scale)
     except TypeError:  # an unhashable argument: the uncached route names it
         coeffs = kernel_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
                                      maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                                     decoupled_weight_decay)
+                                     decoupled_weight_decay, grad_scale)
     shape = param.shape
     accepted = (type(grad) is _ndarray and type(square_avg) is _ndarray and grad.dtype is dtype
                 and square_avg.dtype is dtype and grad.shape == shape and square_avg.shape == shape)

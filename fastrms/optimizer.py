@@ -140,6 +140,13 @@ class RMSprop:
     fine). Parameters are checked once, at construction: writeable, and no two sharing memory;
     keep them so (and keep ``param_groups[i]["params"]`` as it is: it is not re-read).
 
+    Mixed precision and loss scaling, as torch's fused optimizers with a ``GradScaler``:
+    ``step(grads, grad_scale=s)`` divides every gradient by ``s`` inside the fused pass (the
+    bits of dividing first, in the dtype). With ``skip_nonfinite=True``, a step whose unscaled
+    gradients hold a NaN or an infinity, in any group, returns False and changes nothing: no
+    parameter, no state, no step count. The check is one extra read of the gradients before the
+    update (one C call for all of them). ``step`` returns True when it stepped.
+
     ``param_groups[i][key]`` may change between steps (as torch's LR schedulers do); nothing is
     recompiled. ``lr`` may be a callable ``lr(t) -> float`` of the 1-based number ``t`` of the
     step being taken (``lr(1)`` on the first step; after loading a state saved at step k, the
@@ -158,16 +165,21 @@ class RMSprop:
         >>> opt = fastrms.RMSprop([{"params": [w]}, {"params": [b], "lr": 1e-3}], lr=1e-2,
         ...                       momentum=0.9)
         >>> opt.step([np.full((3, 2), 0.5, np.float32), np.ones(2, np.float32)])
+        True
         >>> opt.param_groups[0]["lr"] = 5e-3            # e.g. an LR schedule
         >>> opt.step([np.full((3, 2), 0.5, np.float32), np.ones(2, np.float32)])
+        True
         >>> saved = opt.state_dict()                    # builtins and arrays only
+        >>> checked = fastrms.RMSprop([w, b], skip_nonfinite=True)
+        >>> checked.step([np.full((3, 2), np.inf, np.float32), np.ones(2, np.float32)])
+        False
     """
 
     def __init__(self, params, lr=_DEFAULT, alpha=_DEFAULT, eps=_DEFAULT, weight_decay=_DEFAULT,
                  momentum=_DEFAULT, centered=_DEFAULT, maximize=_DEFAULT, *,
                  eps_in_sqrt=_DEFAULT, lr_in_momentum=_DEFAULT, nesterov=_DEFAULT,
                  decoupled_weight_decay=_DEFAULT, initial_square_avg=_DEFAULT, preset=None,
-                 backend=None):
+                 backend=None, skip_nonfinite=False):
         preset_row = presets.get(preset)
         given = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                      centered=centered, maximize=maximize, eps_in_sqrt=eps_in_sqrt,
@@ -184,6 +196,10 @@ class RMSprop:
         if backend is not None:
             _dispatch.load_requested(backend, "backend argument")  # fail now, not at step()
         self._backend = backend
+        if not isinstance(skip_nonfinite, (bool, np.bool_)):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
+        #: Skip (return False from) a step whose gradients hold a NaN or an infinity.
+        self.skip_nonfinite = bool(skip_nonfinite)
 
         self._flat, raw_groups = _split_params(params)
         self.param_groups: list[dict] = []
@@ -264,14 +280,25 @@ class RMSprop:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def step(self, grads=None) -> None:
-        """Apply one update. ``grads``: one array per parameter, in group order (omit it for an
-        optimizer over FlatParams, which reads ``flat.grads``)."""
+    def step(self, grads=None, *, grad_scale=None) -> bool:
+        """Apply one update; return True, or False for a step skipped by ``skip_nonfinite``.
+
+        ``grads``: one array per parameter, in group order (omit it for an optimizer over
+        FlatParams, which reads ``flat.grads``). ``grad_scale``: the loss scale the gradients
+        carry; the kernels divide every gradient by it inside the fused pass, with the bits of
+        dividing first in the dtype. With ``skip_nonfinite``, a step whose (unscaled) gradients
+        hold a NaN or an infinity changes nothing at all, step counts included.
+        """
+        if grad_scale is not None:
+            check_real("grad_scale", grad_scale)
         if self._flat is not None:
             if grads is not None:
                 raise TypeError("this optimizer was built on a FlatParams: fill flat.grads in "
                                 "place and call step() with no argument")
-            plan = self._plan()
+            plan = self._plan(grad_scale)
+            if self.skip_nonfinite and not all(
+                    module.all_finite(coeffs, (bucket.flat_grad,)) for bucket, coeffs, module in plan):
+                return False
             self._allocate_for(plan)
             for bucket, coeffs, module in plan:
                 arrays = (bucket.flat_param, bucket.flat_grad, bucket.state["square_avg"],
@@ -281,15 +308,19 @@ class RMSprop:
                     module.update(coeffs, *arrays)
         else:
             grads = self._checked_grads(grads)
-            plan = self._plan()
+            plan = self._plan(grad_scale)
+            if self.skip_nonfinite and not all(
+                    module.all_finite(coeffs, bucket.take(grads)) for bucket, coeffs, module in plan):
+                return False
             self._allocate_for(plan)
             for bucket, coeffs, module in plan:
                 self._run_bucket(bucket, coeffs, module, grads)
         steps = self._steps
         for g in range(len(steps)):
             steps[g] += 1
+        return True
 
-    def _plan(self) -> list:
+    def _plan(self, grad_scale=None) -> list:
         """Coefficients and backend per bucket; validates every hyperparameter, writes nothing."""
         plan = []
         for g, group in enumerate(self.param_groups):
@@ -305,7 +336,7 @@ class RMSprop:
                         bucket.dtype, lr, group["alpha"], group["eps"], group["weight_decay"],
                         group["momentum"], group["centered"], group["maximize"],
                         group["eps_in_sqrt"], group["lr_in_momentum"], group["nesterov"],
-                        group["decoupled_weight_decay"])
+                        group["decoupled_weight_decay"], grad_scale)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"param_groups[{g}]: {exc}") from None
                 if self._always_momentum and not coeffs.flags & MOMENTUM:
@@ -635,9 +666,15 @@ def state_dict_to_arrays(state_dict: Mapping) -> dict[str, np.ndarray]:
 def state_dict_from_arrays(arrays: Mapping) -> dict:
     """Rebuild a state dict from :func:`state_dict_to_arrays`'s mapping (for instance the
     ``NpzFile`` of ``np.load(path, allow_pickle=False)``); arrays are read into memory."""
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"state_dict_from_arrays needs a mapping of names to arrays (the NpzFile "
+                        f"of np.load on a file written with np.savez), got "
+                        f"{type(arrays).__name__}")
     groups: dict[int, dict] = {}
     state: dict[int, dict] = {}
     for name in arrays.keys():
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict_from_arrays: keys must be strings, got {name!r}")
         parts = name.split("/")
         if len(parts) != 3 or parts[0] not in ("state", "param_groups") or not parts[1].isdigit():
             raise ValueError(f"unexpected key {name!r}; expected 'state/<id>/<key>' or "
@@ -814,17 +851,29 @@ def _exact_keys(mapping: Mapping, expected: tuple, where: str) -> None:
 
 
 def _check_step(step, where: str) -> int:
+    """An exact non-negative step count that np.savez stores as int64 (so below 2**63)."""
     if isinstance(step, np.ndarray) and step.ndim == 0:
         step = step.item()
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, Real):
         raise TypeError(f"{where}['step'] must be a number, got {type(step).__name__}")
-    try:
-        value = float(step)
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value) or value < 0 or value != int(value):
-        raise ValueError(f"{where}['step'] must be a finite non-negative integer, got {step!r}")
-    return int(value)
+    if isinstance(step, Integral):
+        value = operator.index(step)  # exact: no trip through float
+    else:
+        try:
+            as_float = float(step)
+        except OverflowError:
+            as_float = math.inf
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ValueError(f"{where}['step'] must be a finite non-negative integer, "
+                             f"got {step!r}")
+        value = int(as_float)
+    if not 0 <= value < _STEP_LIMIT:
+        raise ValueError(f"{where}['step'] must be an integer in [0, 2**63), got {step!r}")
+    return value
+
+
+#: Steps are saved as int64.
+_STEP_LIMIT = 2 ** 63
 
 
 def _check_state_array(array, param, where: str, own_buffers: list):

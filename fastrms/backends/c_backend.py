@@ -24,13 +24,14 @@ SIMD_NAMES = ("sse2", "avx2", "avx512")
 _F32 = np.dtype(np.float32)
 # Per dtype: update, multi-tensor update, roofline, buffer ctype (resolved once: from_buffer
 # with a ctype object and positional arguments costs about half of the string/keyword form),
-# pointer-array type, coefficient struct type.
+# pointer-array type, coefficient struct type, multi-tensor finiteness check.
 _ENTRY = {
     _F32: (lib.fastrms_update_f32, lib.fastrms_update_multi_f32, lib.fastrms_roofline_f32,
-           ffi.typeof("float[]"), "float *[]", "struct fastrms_coeffs_f32 *"),
+           ffi.typeof("float[]"), "float *[]", "struct fastrms_coeffs_f32 *",
+           lib.fastrms_all_finite_multi_f32),
     np.dtype(np.float64): (lib.fastrms_update_f64, lib.fastrms_update_multi_f64,
                            lib.fastrms_roofline_f64, ffi.typeof("double[]"), "double *[]",
-                           "struct fastrms_coeffs_f64 *"),
+                           "struct fastrms_coeffs_f64 *", lib.fastrms_all_finite_multi_f64),
 }
 _from_buffer = ffi.from_buffer
 _NULL = ffi.NULL
@@ -109,7 +110,7 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
     count = len(params)
     if count == 0:
         return
-    _, fn, _, buffer_type, pointer_array_type, _ = _ENTRY[coeffs.dtype]
+    _, fn, _, buffer_type, pointer_array_type, _, _ = _ENTRY[coeffs.dtype]
     keep = []
     streams = [_cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep)
                if arrays is not None else _NULL
@@ -129,6 +130,21 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
         raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
 
 
+def all_finite(coeffs, grads) -> bool:
+    """True when every gradient, divided by the loss scale (1 for none), is finite: one C call,
+    one thread team, reading only. The gradients are C-contiguous arrays of coeffs.dtype."""
+    if not grads:
+        return True
+    _, _, _, buffer_type, pointer_array_type, _, fn = _ENTRY[coeffs.dtype]
+    keep = []
+    pointers = _pointer_array(pointer_array_type, buffer_type, grads, keep)
+    status = fn(pointers, ffi.new("size_t[]", [g.size for g in grads]), len(grads),
+                coeffs.values[-2])
+    if status < 0:
+        raise RuntimeError(f"fastrms C finiteness check rejected the call (status {status})")
+    return status == 1
+
+
 def _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep):
     if cache is None or index == 1:  # no cache, or the gradients: new every call
         return _pointer_array(pointer_array_type, buffer_type, arrays, keep)
@@ -142,7 +158,7 @@ def _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays,
 
 def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
     """The same streams as the update (chosen by flags), trivial arithmetic: the speed limit."""
-    _, _, fn, buffer_type, _, _ = _ENTRY[param.dtype]
+    _, _, fn, buffer_type, _, _, _ = _ENTRY[param.dtype]
     if param.size == 0:
         return
     status = fn(flags & (CENTERED | MOMENTUM), _from_buffer(buffer_type, param),

@@ -18,8 +18,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .._coefficients import (CENTERED, EPS_IN_SQRT, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM, NESTEROV,
-                             WD_COUPLED, WD_DECOUPLED)
+from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
+                             NESTEROV, WD_COUPLED, WD_DECOUPLED)
 from .._validation import check_no_overlap
 
 CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
@@ -31,13 +31,18 @@ _jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
 
 @njit(**_jit)
 def _update_flat(P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum,
-                 decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov, decay_form):
+                 decay, grad_scale, grad_scale_inverse, maximize, centered, eps_in_sqrt,
+                 momentum_form, nesterov, decay_form, unscale_form):
     # The loop lives here, not in a per-element function: each call into another jitted
     # function with array arguments costs reference-count traffic (measured 20x slower).
     # It runs over range(P.size) of a slice, not range(lo, hi): with a start that may be
     # negative, Numba adds index wraparound and LLVM no longer vectorises (measured 3x slower).
     for i in range(P.size):
         g = G[i]
+        if unscale_form == 1:  # an exact reciprocal: the division's bits
+            g = g * grad_scale_inverse
+        elif unscale_form == 2:
+            g = g / grad_scale
         if maximize:
             g = -g
         p = P[i]
@@ -77,16 +82,41 @@ def _update_flat(P, G, S, B, A, alpha, one_minus_alpha, eps, neg_lr, lr, weight_
 
 @njit(parallel=True, **_jit)
 def _update_parallel(P, G, S, B, A, chunk, alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay,
-                     momentum, decay, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
-                     decay_form):
+                     momentum, decay, grad_scale, grad_scale_inverse, maximize, centered,
+                     eps_in_sqrt, momentum_form, nesterov, decay_form, unscale_form):
     n = P.size
     for c in prange((n + chunk - 1) // chunk):
         lo = c * chunk
         hi = min(n, lo + chunk)
         # Unused streams are empty arrays, and slices of them stay empty.
         _update_flat(P[lo:hi], G[lo:hi], S[lo:hi], B[lo:hi], A[lo:hi], alpha, one_minus_alpha,
-                     eps, neg_lr, lr, weight_decay, momentum, decay, maximize, centered,
-                     eps_in_sqrt, momentum_form, nesterov, decay_form)
+                     eps, neg_lr, lr, weight_decay, momentum, decay, grad_scale,
+                     grad_scale_inverse, maximize, centered, eps_in_sqrt, momentum_form, nesterov,
+                     decay_form, unscale_form)
+
+
+@njit(**_jit)
+def _has_nonfinite(G, grad_scale, bound):
+    # One compare per element settles almost all of them (see csrc/rmsprop_kernel.h); only a
+    # chunk holding something beyond the bound pays for the exact division.
+    beyond = False
+    for i in range(G.size):
+        beyond |= not abs(G[i]) <= bound
+    if beyond:
+        for i in range(G.size):
+            if not np.isfinite(G[i] / grad_scale):
+                return True
+    return False
+
+
+@njit(parallel=True, **_jit)
+def _count_nonfinite_chunks(G, chunk, grad_scale, bound):
+    n = G.size
+    found = 0
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        found += _has_nonfinite(G[lo:min(n, lo + chunk)], grad_scale, bound)
+    return found
 
 
 @njit(parallel=True, **_jit)
@@ -126,18 +156,20 @@ def _thread_count() -> int:
     return max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
 
 
-def _options(flags: int) -> tuple:
+def _options(coeffs) -> tuple:
     """Flags as the kernels' run-time option arguments (plain ints: one compiled signature)."""
+    flags = coeffs.flags
     momentum_form = 0 if not flags & MOMENTUM else (2 if flags & LR_IN_MOMENTUM else 1)
     decay_form = 1 if flags & WD_COUPLED else (2 if flags & WD_DECOUPLED else 0)
+    unscale_form = 0 if not flags & GRAD_SCALE else (1 if coeffs.values[-1] else 2)
     return (bool(flags & MAXIMIZE), bool(flags & CENTERED), bool(flags & EPS_IN_SQRT),
-            momentum_form, bool(flags & NESTEROV), decay_form)
+            momentum_form, bool(flags & NESTEROV), decay_form, unscale_form)
 
 
 def _kernel_arguments(coeffs):
     arguments = coeffs.backend_cache.get("numba")
     if arguments is None:
-        arguments = coeffs.scalars + _options(coeffs.flags)
+        arguments = coeffs.scalars + _options(coeffs)
         coeffs.backend_cache["numba"] = arguments
     return arguments
 
@@ -166,6 +198,26 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
     else:
         _mark_parallel_used(threads)
         _update_parallel(*arrays, _chunk_size(n, threads), *_kernel_arguments(coeffs))
+
+
+def all_finite(coeffs, grads) -> bool:
+    """True when every gradient, divided by the loss scale (1 for none), is finite."""
+    scale = coeffs.scalars[-2]
+    t_max = np.finfo(coeffs.dtype).max
+    # The C kernel's bound, in the same dtype arithmetic: below it no quotient can overflow.
+    bound = t_max if scale >= 1 else t_max * scale * coeffs.dtype.type(1 - 2.0 ** -20)
+    for grad in grads:
+        flat = grad.reshape(-1)
+        n = flat.size
+        if n < PARALLEL_THRESHOLD or _serial_only:
+            if _has_nonfinite(flat, scale, bound):
+                return False
+        else:
+            threads = _thread_count()
+            _mark_parallel_used(threads)
+            if _count_nonfinite_chunks(flat, _chunk_size(n, threads), scale, bound):
+                return False
+    return True
 
 
 def update_if_ready(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> bool:

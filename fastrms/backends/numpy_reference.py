@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._coefficients import (CENTERED, EPS_IN_SQRT, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM, NESTEROV,
-                             WD_COUPLED, WD_DECOUPLED, Coefficients)
+from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
+                             NESTEROV, WD_COUPLED, WD_DECOUPLED, Coefficients)
 from .._validation import check_no_overlap
 
 
 def reference_step(coeffs: Coefficients, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
     """Return the new (param, square_avg, momentum_buffer, grad_avg) without writing anything."""
-    alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay = coeffs.scalars
+    (alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay, scale,
+     _exact_inverse) = coeffs.scalars
     flags = coeffs.flags
 
-    g = -grad if flags & MAXIMIZE else grad                              # 1
+    g = grad / scale if flags & GRAD_SCALE else grad                     # 0 (loss scaling)
+    g = -g if flags & MAXIMIZE else g                                    # 1
     p = param
     if flags & WD_COUPLED:                                               # 2
         g = g + weight_decay * p
@@ -66,6 +68,14 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
         update(coeffs, params[k], grads[k], square_avgs[k],
                momentum_buffers[k] if momentum_buffers is not None else None,
                grad_avgs[k] if grad_avgs is not None else None)
+
+
+def all_finite(coeffs, grads) -> bool:
+    """True when every gradient, divided by the loss scale when there is one, is finite."""
+    scale = coeffs.scalars[-2]
+    with np.errstate(all="ignore"):
+        return all(bool(np.isfinite(g / scale if coeffs.flags & GRAD_SCALE else g).all())
+                   for g in grads)
 
 
 def set_num_threads(n: int | None) -> None:

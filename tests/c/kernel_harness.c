@@ -1,8 +1,10 @@
 /* Drives the C kernels directly, for the sanitizer build in tests/test_c_sanitizers.py: every
  * flag combination, both dtypes, lengths that end mid-vector, n = 0, pointers offset from
  * vector alignment, misaligned pointers, overlapping buffers, the multi-tensor entry point and
- * the roofline, on 1 and 2 threads. Buffers are allocated at their exact size so that
+ * the roofline, loss-scaled steps (a scale with an exact reciprocal and one without), the
+ * finiteness check, on 1 and 2 threads. Buffers are allocated at their exact size so that
  * AddressSanitizer sees any access past either end. Exit status 0 means every check held. */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,7 +23,8 @@ static int failures = 0;
         }                                                 \
     } while (0)
 
-static const size_t lengths[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 65, 1000, 70001};
+/* 4097: a loss-scaled step unscales blocks of 2048 elements; 4097 ends one past the second. */
+static const size_t lengths[] = {0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 65, 1000, 4097, 70001};
 enum { NLENGTHS = sizeof(lengths) / sizeof(lengths[0]) };
 
 static int valid_flags(unsigned f) {
@@ -39,7 +42,9 @@ static int valid_flags(unsigned f) {
         return p;                                                                               \
     }                                                                                           \
     static void run_##SFX(unsigned flags, size_t n, size_t shift) {                             \
-        struct fastrms_coeffs_##SFX c = {0.9, 0.1, 1e-8, -0.01, 0.01, 0.1, 0.9, 0.999};         \
+        /* The scale is 4 (exact reciprocal 0.25) on aligned runs, 3 (no exact one) on others. */ \
+        struct fastrms_coeffs_##SFX c = {0.9, 0.1, 1e-8, -0.01, 0.01, 0.1, 0.9, 0.999,        \
+                                         shift ? 3 : 4, shift ? 0 : 0.25};                      \
         T *bases[5];                                                                            \
         T *p = alloc_##SFX(n, shift, &bases[0]), *g = alloc_##SFX(n, shift, &bases[1]);         \
         T *s = alloc_##SFX(n, shift, &bases[2]), *b = alloc_##SFX(n, shift, &bases[3]);         \
@@ -57,6 +62,17 @@ static int valid_flags(unsigned f) {
                                             (flags & FASTRMS_MOMENTUM) ? bs : NULL,             \
                                             (flags & FASTRMS_CENTERED) ? as : NULL, ls, 2);     \
         CHECK(status == FASTRMS_OK, #SFX " multi flags=%u n=%zu: status %d", flags, n, status); \
+        const T scale = (flags & FASTRMS_GRAD_SCALE) ? c.grad_scale : (T)0.5;                   \
+        CHECK(fastrms_all_finite_##SFX(g, n, scale) == 1, #SFX " finite n=%zu", n);           \
+        CHECK(fastrms_all_finite_multi_##SFX(gs, ls, 2, scale) == 1, #SFX " finite multi");    \
+        CHECK(fastrms_all_finite_##SFX(g, n, 0) == FASTRMS_BAD_SCALE, #SFX " zero scale");     \
+        if (n > 0) {                                                                            \
+            const T saved = g[n - 1];                                                           \
+            g[n - 1] = (T)INFINITY;                                                             \
+            CHECK(fastrms_all_finite_##SFX(g, n, scale) == 0, #SFX " inf missed n=%zu", n);   \
+            CHECK(fastrms_all_finite_multi_##SFX(gs, ls, 2, scale) == 0, #SFX " inf missed");  \
+            g[n - 1] = saved;                                                                   \
+        }                                                                                       \
         if (n > 2) { /* n - 1 >= 2 elements: p and p + 1 then share memory */          \
             status = fastrms_update_##SFX(&c, flags, p, p + 1, s, bb, aa, n - 1);               \
             CHECK(status == FASTRMS_OVERLAP, #SFX " overlap not caught: status %d", status);   \
@@ -71,7 +87,7 @@ DEFINE_RUN(float, f32)
 DEFINE_RUN(double, f64)
 
 int main(void) {
-    CHECK(fastrms_update_f32(NULL, 1u << 9, NULL, NULL, NULL, NULL, NULL, 0) == FASTRMS_BAD_FLAGS,
+    CHECK(fastrms_update_f32(NULL, 1u << 10, NULL, NULL, NULL, NULL, NULL, 0) == FASTRMS_BAD_FLAGS,
           "unknown flag accepted");
     CHECK(fastrms_update_f64(NULL, FASTRMS_NESTEROV, NULL, NULL, NULL, NULL, NULL, 0) ==
               FASTRMS_BAD_FLAGS, "nesterov without momentum accepted");
@@ -80,7 +96,7 @@ int main(void) {
         fastrms_set_simd_level(level);
         for (int threads = 1; threads <= 2; ++threads) {
             fastrms_set_num_threads(threads);
-            for (unsigned flags = 0; flags < 256; ++flags) {
+            for (unsigned flags = 0; flags < 2 * FASTRMS_GRAD_SCALE; ++flags) {
                 if (!valid_flags(flags)) continue;
                 for (int k = 0; k < NLENGTHS; ++k) {
                     /* The largest length only for the threaded pass of a few flag sets. */
