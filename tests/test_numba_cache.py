@@ -45,7 +45,7 @@ for dtype in (np.float32, np.float64):
     np.savez(f"{out_dir}/{name}.npz", p=p, s=s, b=b, a=a, small_p=small[0], small_s=small[2])
 
 stats = {}
-for function in ("_update_parallel", "_update_flat"):
+for function in ("_update_parallel", "_update_serial"):
     st = getattr(nb, function).stats
     stats[function] = {"hits": sum(st.cache_hits.values()), "misses": sum(st.cache_misses.values()),
                        "path": st.cache_path}
@@ -97,7 +97,7 @@ def test_second_process_loads_from_cache_and_gets_the_same_bits(tmp_path):
     index_files = sorted(p.name for p in cache_dir.rglob("*.nbi"))
     data_files = list(cache_dir.rglob("*.nbc"))
     assert any("_update_parallel" in name for name in index_files), index_files
-    assert any("_update_flat" in name for name in index_files), index_files
+    assert any("_update_serial" in name for name in index_files), index_files
     assert len(data_files) >= 4
 
     second, second_results = _run(cache_dir, tmp_path / "second")

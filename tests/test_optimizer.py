@@ -193,7 +193,7 @@ def test_lr_changed_between_steps_like_a_scheduler():
     assert all(p.tobytes() == c.tobytes() for p, c in zip(params, copies))
 
 
-def test_lr_changes_do_not_recompile_numba():
+def test_lr_and_grad_scale_changes_do_not_recompile_numba():
     if not backends.availability("numba")[0]:
         pytest.skip("numba unavailable")
     from fastrms.backends import numba_backend
@@ -201,11 +201,11 @@ def test_lr_changes_do_not_recompile_numba():
     params = [np.ones(100, np.float32)]
     opt = RMSprop(params, lr=1e-2, backend="numba")
     opt.step([np.ones(100, np.float32)])
-    compiled = len(numba_backend._update_flat.signatures)
-    for lr in (3e-3, 1e-3, 7e-4):
+    compiled = len(numba_backend._update_serial.signatures)
+    for lr, scale in ((3e-3, None), (1e-3, 1024.0), (7e-4, 3.0)):
         opt.param_groups[0]["lr"] = lr
-        opt.step([np.ones(100, np.float32)])
-    assert len(numba_backend._update_flat.signatures) == compiled
+        opt.step([np.ones(100, np.float32)], grad_scale=scale)
+    assert len(numba_backend._update_serial.signatures) == compiled
 
 
 def test_callable_lr_is_called_with_the_one_based_step_number():
