@@ -52,6 +52,10 @@ _get_shape = operator.attrgetter("shape")
 _get_strides = operator.attrgetter("strides")
 _data_ptr = torch.Tensor.data_ptr
 _to_numpy = torch.Tensor.numpy
+_get_dtype = operator.attrgetter("dtype")
+_get_is_cpu = operator.attrgetter("is_cpu")
+_is_contiguous = torch.Tensor.is_contiguous
+_is_neg = torch.Tensor.is_neg
 _is = operator.is_
 _STALE = object()  # what a bucket returns when a parameter or its state changed under it
 
@@ -424,6 +428,8 @@ class _Bucket:
         self.params = params
         self.count = len(params)
         self.dtype = _KERNEL_DTYPES[params[0].dtype]
+        self.torch_dtypes = [params[0].dtype] * len(params)
+        self.align_mask = np.uintp(self.dtype.itemsize - 1)
         self.size = sum(p.numel() for p in params)
         self._place_params()
         self.ptrs = list(map(_data_ptr, params))
@@ -585,6 +591,21 @@ class _Bucket:
          shapes, strides) = self.selection
         if not every:
             grads = [grads[k] for k in chosen]
+        module = _module(backend, self.size, self.dtype, coeffs.flags)
+        momentum_buffers = momentum_buffers if coeffs.uses_momentum else None
+        grad_avgs = grad_avgs if coeffs.centered else None
+        if self.contiguous and hasattr(module, "update_many_at_addresses"):
+            addresses = self._grad_addresses(grads, shapes)
+            if addresses is not None:
+                update = module.update_many_at_addresses
+                cache = self.cache
+
+                def run(*arguments):  # holds the gradients while the kernel reads them
+                    update(*arguments, cache=cache)
+                    return grads
+
+                return (run, (coeffs, param_arrays, addresses, square_avgs, momentum_buffers,
+                              grad_avgs), self.steps, increment)
         grad_arrays = None
         if self.contiguous:
             try:
@@ -593,17 +614,33 @@ class _Bucket:
                 pass
             else:
                 if list(map(_get_shape, grad_arrays)) != shapes or \
-                        list(map(_get_strides, grad_arrays)) != strides:
+                        list(map(_get_strides, grad_arrays)) != strides or \
+                        not all(a.flags.aligned for a in grad_arrays):
                     grad_arrays = None
         if grad_arrays is None:
             grad_arrays = self._grad_arrays(grads, chosen)
             if grad_arrays is _STALE:
                 return _STALE
-        module = _module(backend, self.size, self.dtype, coeffs.flags)
-        arguments = (coeffs, param_arrays, grad_arrays, square_avgs,
-                     momentum_buffers if coeffs.uses_momentum else None,
-                     grad_avgs if coeffs.centered else None)
+        arguments = (coeffs, param_arrays, grad_arrays, square_avgs, momentum_buffers, grad_avgs)
         return _with_cache(module.update_many, self.cache), arguments, self.steps, increment
+
+    def _grad_addresses(self, grads, shapes):
+        """The gradients' data addresses when every one is a dense, C-contiguous CPU tensor of
+        the bucket's dtype and its parameter's shape (so it lies exactly as the parameter's
+        NumPy view does), else None for the checked path. A few C-level passes over the list:
+        no NumPy view and no buffer request per gradient."""
+        try:
+            if not (list(map(_get_dtype, grads)) == self.torch_dtypes[:len(grads)]
+                    and list(map(_get_shape, grads)) == shapes
+                    and all(map(_get_is_cpu, grads)) and all(map(_is_contiguous, grads))
+                    and not any(map(_is_neg, grads))):
+                return None
+            addresses = np.fromiter(map(_data_ptr, grads), np.uintp, len(grads))
+        except RuntimeError:  # sparse layouts: is_contiguous or data_ptr refuses
+            return None
+        if (addresses & self.align_mask).any():  # memory from torch.frombuffer, say
+            return None
+        return addresses
 
     def _grad_arrays(self, grads, chosen):
         """Flat arrays of gradients the fast check did not pass: checked one by one, read in
@@ -618,7 +655,7 @@ class _Bucket:
             g = g.detach()
             if g.is_neg() or g.is_conj():
                 g = g.resolve_conj().resolve_neg()
-            if _layout_key(g) != self.layouts[k]:
+            if _layout_key(g) != self.layouts[k] or g.data_ptr() % g.element_size():
                 with torch.no_grad():
                     g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
             out.append(_flat_array(g))

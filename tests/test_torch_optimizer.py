@@ -124,18 +124,24 @@ def checkpoint(obj):
     return torch.load(buffer, weights_only=True)
 
 
+#: The C backend's multi-tensor entry points: arrays, or gradients as addresses.
+MULTI_TENSOR_ENTRIES = ("update_many", "update_many_at_addresses")
+
+
 class CallCounter:
-    """Counts calls of a backend function while forwarding them."""
+    """Counts calls of backend functions (together) while forwarding them."""
 
-    def __init__(self, monkeypatch, module, name):
+    def __init__(self, monkeypatch, module, *names):
         self.calls = 0
-        original = getattr(module, name)
+        for name in names:
+            monkeypatch.setattr(module, name, self._counting(getattr(module, name)))
 
+    def _counting(self, original):
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counting)
+        return counting
 
 
 # -- import ----------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def test_param_groups_with_different_lr_track_torch(monkeypatch):
     for cls in (torch.optim.RMSprop, RMSprop):
         a, b, opt = build(cls)
         if cls is RMSprop:
-            counter = CallCounter(monkeypatch, c_backend, "update_many")
+            counter = CallCounter(monkeypatch, c_backend, *MULTI_TENSOR_ENTRIES)
         for _ in range(20):
             opt.zero_grad()
             (b(torch.tanh(a(x)).double()) ** 2).mean().backward()
@@ -214,7 +220,7 @@ def test_param_groups_with_different_lr_track_torch(monkeypatch):
 def test_one_kernel_call_per_step_for_many_tensors(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(n)) for n in range(1, 200)]
     opt = RMSprop(params, momentum=0.9)
-    counter = CallCounter(monkeypatch, c_backend, "update_many")
+    counter = CallCounter(monkeypatch, c_backend, *MULTI_TENSOR_ENTRIES)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)  # fresh gradient tensors, as after zero_grad(None)
@@ -574,7 +580,7 @@ def test_backends_give_the_reference_bits(dtype, options, backend):
 
 
 def test_use_backend_context_is_honoured(monkeypatch):
-    counter = CallCounter(monkeypatch, c_backend, "update_many")
+    counter = CallCounter(monkeypatch, c_backend, *MULTI_TENSOR_ENTRIES)
     p = torch.nn.Parameter(torch.ones(3))
     opt = RMSprop([p])
     p.grad = torch.ones(3)
@@ -649,23 +655,48 @@ def test_channels_last_runs_on_the_kernel_with_the_contiguous_bits():
     assert_tensors_identical([finals[1]], [finals[0]])
 
 
-def test_gradients_in_another_layout_or_requiring_grad_give_the_same_bits():
+GRADIENT_FORMS = ("plain", "transposed", "requires_grad", "neg_view", "misaligned")
+
+
+def _gradient_in_form(g, form):
+    """The values of g, held in the given form."""
+    if form == "transposed":
+        return g.t().contiguous().t()  # column-major
+    if form == "requires_grad":
+        return g.clone().requires_grad_()  # as backward(create_graph=True) leaves it
+    if form == "neg_view":
+        return torch._neg_view(-g)  # memory holds -g; the neg bit flips it back
+    if form == "misaligned":
+        memory = bytearray(g.numel() * g.element_size() + 1)
+        out = torch.frombuffer(memory, dtype=g.dtype, offset=1, count=g.numel()).view(g.shape)
+        out.copy_(g)
+        return out
+    return g
+
+
+def test_gradients_in_another_form_give_the_same_bits(monkeypatch):
+    """Dense, aligned, C-contiguous gradients (requiring grad or not: the kernel only reads
+    them) take the address entry point; the other forms the checked path, which reads or copies
+    each as it must. All give the bits of the plain run."""
     torch.manual_seed(0)
     start = torch.randn(6, 4)
     grads = [torch.randn(6, 4) for _ in range(3)]
     finals = []
-    for form in ("plain", "transposed", "requires_grad"):
-        p = torch.nn.Parameter(start.clone())
-        opt = RMSprop([p], centered=True)
-        for g in grads:
-            if form == "transposed":
-                g = g.t().contiguous().t()  # the same values, column-major
-            elif form == "requires_grad":
-                g = g.clone().requires_grad_()  # as backward(create_graph=True) leaves it
-            p.grad = g
-            opt.step()
+    for form in GRADIENT_FORMS:
+        with monkeypatch.context() as patch:
+            by_address = CallCounter(patch, c_backend, "update_many_at_addresses")
+            by_array = CallCounter(patch, c_backend, "update_many")
+            p = torch.nn.Parameter(start.clone())
+            q = torch.nn.Parameter(start[0].clone())  # a second tensor: a plain gradient always
+            opt = RMSprop([p, q], centered=True)
+            for g in grads:
+                p.grad = _gradient_in_form(g, form)
+                q.grad = g[0].clone()
+                opt.step()
+        by_address_expected = form in ("plain", "requires_grad")
+        assert (by_address.calls, by_array.calls) == ((3, 0) if by_address_expected else (0, 3)), form
         finals.append(p.detach().clone())
-    assert_tensors_identical(finals[1:], finals[:1] * 2)
+    assert_tensors_identical(finals[1:], finals[:1] * (len(GRADIENT_FORMS) - 1))
 
 
 def test_differentiable_groups_are_updated_by_torch():

@@ -107,14 +107,41 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
     list holds. Gradients are converted on every call. With 200 small arrays this halves the
     Python cost of a call (the per-array from_buffer calls are most of it).
     """
-    count = len(params)
-    if count == 0:
+    if not params:
         return
+    keep = []
+    grad_pointers = _pointer_array(_ENTRY[coeffs.dtype][4], _ENTRY[coeffs.dtype][3], grads, keep)
+    _update_many(coeffs, params, grad_pointers, square_avgs, momentum_buffers, grad_avgs, cache,
+                 lambda k: grads[k])
+
+
+def update_many_at_addresses(coeffs, params, grad_addresses, square_avgs, momentum_buffers,
+                             grad_avgs, *, cache=None):
+    """:func:`update_many` with the gradients given as their data addresses (an ``np.uintp``
+    array), for a caller holding them as another library's tensors (``fastrms.torch``): one
+    conversion for all of them instead of a NumPy view and a buffer request each, which is most
+    of a step's cost on a model of many small tensors.
+
+    The caller guarantees that gradient k is alive, C-contiguous, of ``coeffs.dtype`` and
+    ``params[k].size`` elements, in this process's memory. The kernel still checks alignment
+    and overlap with the other streams of the same entry before it writes.
+    """
+    if not params:
+        return
+    grad_pointers = ffi.from_buffer(_ENTRY[coeffs.dtype][4], grad_addresses)
+    _update_many(coeffs, params, grad_pointers, square_avgs, momentum_buffers, grad_avgs, cache,
+                 None)
+
+
+def _update_many(coeffs, params, grad_pointers, square_avgs, momentum_buffers, grad_avgs, cache,
+                 grad_array):
+    count = len(params)
     _, fn, _, buffer_type, pointer_array_type, _, _ = _ENTRY[coeffs.dtype]
     keep = []
-    streams = [_cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep)
+    streams = [grad_pointers if index == 1 else
+               _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep)
                if arrays is not None else _NULL
-               for index, arrays in enumerate((params, grads, square_avgs, momentum_buffers,
+               for index, arrays in enumerate((params, None, square_avgs, momentum_buffers,
                                                grad_avgs))]
     lengths = cache.get("lengths") if cache is not None else None
     if lengths is None or lengths[0] is not params:
@@ -123,10 +150,13 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
             cache["lengths"] = lengths
     status = fn(_prepared(coeffs)[2], coeffs.flags, *streams, lengths[1], count)
     if status:
-        for k in range(count):
-            check_no_overlap(params[k], grads[k], square_avgs[k],
-                             momentum_buffers[k] if momentum_buffers is not None else None,
-                             grad_avgs[k] if grad_avgs is not None else None)
+        if status == _MISALIGNED:
+            raise ValueError("a gradient is not aligned to its element size")
+        if grad_array is not None:
+            for k in range(count):
+                check_no_overlap(params[k], grad_array(k), square_avgs[k],
+                                 momentum_buffers[k] if momentum_buffers is not None else None,
+                                 grad_avgs[k] if grad_avgs is not None else None)
         raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
 
 
@@ -146,7 +176,7 @@ def all_finite(coeffs, grads) -> bool:
 
 
 def _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep):
-    if cache is None or index == 1:  # no cache, or the gradients: new every call
+    if cache is None:
         return _pointer_array(pointer_array_type, buffer_type, arrays, keep)
     entry = cache.get(index)
     if entry is None or entry[0] is not arrays:
