@@ -33,6 +33,7 @@ import sys
 import pytest
 
 from fastrms import backends
+from fastrms.report.bench import _memory_available as memory_available
 
 from rms_helpers import clean_env, require_backend
 
@@ -106,7 +107,7 @@ def _measure(name: str, variant: str, streams: int) -> tuple[dict, str]:
     require_backend(name)
     pytest.importorskip("resource", reason="peak RSS comes from resource.getrusage (POSIX)")
     arrays = streams * N * ITEMSIZE
-    available = _available_memory()
+    available = memory_available()
     if available is not None and available < arrays + 2**30:
         pytest.skip(f"needs {arrays / 2**30:.1f} GiB + 1 GiB free memory, "
                     f"{available / 2**30:.1f} GiB available")
@@ -124,17 +125,6 @@ def _measure(name: str, variant: str, streams: int) -> tuple[dict, str]:
         f"before the step, so the measurement proves nothing")
     assert numbers["first"] != 0.5 and numbers["last"] != 0.5, f"{report}: no update happened"
     return numbers, report
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @pytest.mark.parametrize("variant", list(STREAMS))
