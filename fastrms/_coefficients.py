@@ -166,3 +166,29 @@ _SOURCES = ("alpha", "alpha", "eps", "lr", "lr", "weight_decay", "momentum", "lr
 
 # typed=True: 1, 1.0 and True hash alike, and a cached float lr must not let lr=True through.
 _cached = lru_cache(maxsize=512, typed=True)(_compute)
+
+#: Hyperparameter types that cannot change value behind an identity: only calls made of these
+#: are remembered in :data:`last_call`.
+_IMMUTABLE = frozenset((float, int, bool, type(None), np.float16, np.float32, np.float64,
+                        np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                        np.uint64, np.bool_))
+
+#: ``(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+#: lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale, coefficients)`` of the last
+#: :func:`coefficients_for_call`. rmsprop_update compares its arguments with these by identity
+#: first: identical objects validate alike, and the comparison costs about a third of the
+#: lru_cache lookup, which hashes all thirteen arguments and their types.
+last_call: tuple = (object(),) * 13 + (None,)
+
+
+def coefficients_for_call(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                          eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay,
+                          grad_scale) -> Coefficients:
+    """:func:`kernel_coefficients`, remembering the call in :data:`last_call`."""
+    global last_call
+    arguments = (lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+                 lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
+    coeffs = kernel_coefficients(dtype, *arguments)
+    if all(type(a) in _IMMUTABLE for a in arguments):
+        last_call = (coeffs.dtype, *arguments, coeffs)
+    return coeffs

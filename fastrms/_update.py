@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _dispatch
-from ._coefficients import _cached as _cached_coefficients
-from ._coefficients import FLOAT_DTYPES, kernel_coefficients
+from . import _coefficients
+from ._coefficients import FLOAT_DTYPES
 from ._validation import (check_arrays, check_no_internal_overlap, check_no_overlap,
                           check_param, check_writeable, is_kernel_ready)
 from .backends import numpy_reference
@@ -45,14 +45,17 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     dtype = param.dtype if type(param) is _ndarray else None
     if dtype is not _FLOAT32 and dtype is not _FLOAT64:
         dtype = check_param(param)
-    try:  # the cache directly: on small arrays every call layer shows in the timings
-        coeffs = _cached_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
-                                      maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                                      decoupled_weight_decay, grad_scale)
-    except TypeError:  # an unhashable argument: the uncached route names it
-        coeffs = kernel_coefficients(dtype, lr, alpha, eps, weight_decay, momentum, centered,
-                                     maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                                     decoupled_weight_decay, grad_scale)
+    last = _coefficients.last_call  # the same objects as the last call: its coefficients
+    if (dtype is last[0] and lr is last[1] and alpha is last[2] and eps is last[3]
+            and weight_decay is last[4] and momentum is last[5] and centered is last[6]
+            and maximize is last[7] and eps_in_sqrt is last[8] and lr_in_momentum is last[9]
+            and nesterov is last[10] and decoupled_weight_decay is last[11]
+            and grad_scale is last[12]):
+        coeffs = last[13]
+    else:
+        coeffs = _coefficients.coefficients_for_call(
+            dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+            lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     shape = param.shape
     accepted = (type(grad) is _ndarray and type(square_avg) is _ndarray and grad.dtype is dtype
                 and square_avg.dtype is dtype and grad.shape == shape and square_avg.shape == shape)

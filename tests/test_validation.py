@@ -604,3 +604,33 @@ def test_empty_arrays_are_accepted(backend, shape):
     p, g, s = arrays(shape=shape)
     b = np.zeros(shape, np.float32)
     fastrms.rmsprop_update(p, g, s, lr=0.01, momentum=0.9, momentum_buffer=b, backend=backend)
+
+
+def test_identical_arguments_reuse_the_last_coefficients(monkeypatch):
+    """rmsprop_update skips the coefficient cache when every hyperparameter is the very object
+    of the last call (identical objects validate alike); anything else is validated again."""
+    from fractions import Fraction
+
+    computed = []
+    original = _coefficients.kernel_coefficients
+
+    def counting(*args, **kwargs):
+        computed.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_coefficients, "kernel_coefficients", counting)
+    p, g, s = arrays()
+    lr = 0.01
+    fastrms.rmsprop_update(p, g, s, lr=lr)
+    fastrms.rmsprop_update(p, g, s, lr=lr)
+    assert len(computed) == 1
+    fastrms.rmsprop_update(p, g, s, lr=float("0.01"))  # equal, another object
+    assert len(computed) == 2
+    fastrms.rmsprop_update(p.astype(np.float64), g.astype(np.float64), s.astype(np.float64),
+                           lr=lr)  # another dtype
+    assert len(computed) == 3
+    # Only types that cannot change behind an identity are remembered.
+    fraction = Fraction(1, 100)
+    fastrms.rmsprop_update(p, g, s, lr=fraction)
+    fastrms.rmsprop_update(p, g, s, lr=fraction)
+    assert len(computed) == 5
