@@ -1,7 +1,7 @@
 """The Numba backend: the fused update as a plain loop, compiled by Numba.
 
-One loop holds SPEC.md's order over flat arrays; it is inlined once per set of streams and
-presence of weight decay (8 copies, below). Small arrays call it directly (a
+One loop holds SPEC.md's order over flat arrays; it is inlined once per set of streams, with and
+without the rarer options (8 copies, below). Small arrays call it directly (a
 ``prange`` always wakes the thread pool) and large ones through a ``prange`` over
 cache-line-aligned chunks, one call per chunk. Options are run-time arguments, so each driver
 compiles once per dtype.
@@ -31,10 +31,11 @@ _jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
 
 
 # One loop source, inlined (Numba IR inlining, inline="always") at call sites where the stream
-# set and the absence of weight decay are constants, so that LLVM specialises each copy: 8 loops,
-# not one per option combination. What is left to run time (maximize, nesterov, the form of a
-# weight decay) only chooses between two results, never guards a load or a store, and eps_in_sqrt
-# and the momentum form are no choice at all (see _kernel_arguments).
+# set is a constant, and so is the common case of neither weight decay nor maximize, so that LLVM
+# specialises each copy: 8 loops, not one per option combination. What is left to run time
+# (nesterov; maximize and the form of a weight decay in the other copies) only chooses between
+# two results, never guards a load or a store, and eps_in_sqrt and the momentum form are no
+# choice at all (see _kernel_arguments).
 # Measured at 10^7 float32 elements, as a fraction of the roofline (median of 60 interleaved
 # rounds): one loop whose loads of the optional streams sat under run-time flags stayed scalar
 # (momentum 0.46); one loop per stream set with every option a select, plain 0.84-0.87; these
@@ -97,12 +98,12 @@ def _update_flat(P, G, S, B, A, coefficients, forms):
     # The loops are inlined here, not called: a call with array arguments costs reference
     # counting (measured 20x slower per element).
     maximize, centered, with_momentum, nesterov, decay_form = forms
-    options = (maximize, nesterov)
-    if decay_form == 0:
-        _update_by_streams(P, G, S, B, A, coefficients, options, 0, with_momentum, centered)
-    else:
-        _update_by_streams(P, G, S, B, A, coefficients, options, decay_form, with_momentum,
+    if decay_form == 0 and not maximize:
+        _update_by_streams(P, G, S, B, A, coefficients, (False, nesterov), 0, with_momentum,
                            centered)
+    else:
+        _update_by_streams(P, G, S, B, A, coefficients, (maximize, nesterov), decay_form,
+                           with_momentum, centered)
 
 
 #: Elements unscaled at a time into a scratch buffer by a loss-scaled step (16 KB at most).
