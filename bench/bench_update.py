@@ -99,7 +99,7 @@ def _target_ratios() -> list[Ratio]:
         steps = {name: registry.get(name).make(variant, state) for name in names}
         # The NumPy formula takes some 100 ms at 10^7 and beats its target by a wide margin;
         # the roofline fractions need the most rounds, their margin being the smallest.
-        rounds = 10 if n >= 10**7 and slower == "numpy-formula" else 40
+        rounds = 10 if n >= 10**7 and slower == "numpy-formula" else 60
         with np.errstate(all="ignore"):  # many steps of the formula on one state
             best = interleaved_best(steps, rounds=rounds)
         for faster, minimum in pairs:
