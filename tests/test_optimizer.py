@@ -365,6 +365,28 @@ def test_grads_sharing_memory_with_params_or_state_rejected():
     opt.step([shared, shared, np.ones(6)])
 
 
+def test_reused_gradient_buffers_are_checked_again_when_they_change():
+    """A step whose gradients sit where the last clean step's did reuses that verdict; any other
+    addresses, and any new state buffer, are checked afresh."""
+    params = [np.ones(4), np.ones(4), np.ones(6)]
+    twin_params = [p.copy() for p in params]
+    opt, twin = RMSprop(params), RMSprop(twin_params)
+    grads = [np.full(4, 0.5), np.full(4, -0.25), np.full(6, 2.0)]
+    for step in range(3):
+        opt.step(grads)
+        twin.step([g.copy() for g in grads])
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params, twin_params))
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"grads\[1\] shares memory with parameter 0"):
+        opt.step([grads[0], params[0], grads[2]])
+    assert snapshot(opt, params) == before
+    opt.param_groups[0]["momentum"] = 0.9  # allocates a momentum buffer: new regions
+    opt.step(grads)
+    with pytest.raises(ValueError, match=r"grads\[2\] shares memory with the optimizer's "
+                                         r"momentum_buffer"):
+        opt.step([grads[0], grads[1], opt.state[2]["momentum_buffer"]])
+
+
 class _GradSubclass(np.ndarray):
     pass
 
