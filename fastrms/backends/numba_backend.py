@@ -31,11 +31,10 @@ _jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
 
 
 # One loop source, inlined (Numba IR inlining, inline="always") at call sites where the stream
-# set is a constant, and so is the common case of neither weight decay nor maximize, so that LLVM
-# specialises each copy: 8 loops, not one per option combination. What is left to run time
-# (nesterov; maximize and the form of a weight decay in the other copies) only chooses between
-# two results, never guards a load or a store, and eps_in_sqrt and the momentum form are no
-# choice at all (see _kernel_arguments).
+# set is a constant, and so is the common case of none of weight decay, maximize and nesterov,
+# so that LLVM specialises each copy: 8 loops, not one per option combination. In the other
+# copies those options only choose between two results, never guard a load or a store, and
+# eps_in_sqrt and the momentum form are no choice at all (see _kernel_arguments).
 # Measured at 10^7 float32 elements, as a fraction of the roofline (median of 60 interleaved
 # rounds): one loop whose loads of the optional streams sat under run-time flags stayed scalar
 # (momentum 0.46); one loop per stream set with every option a select, plain 0.84-0.87; these
@@ -98,8 +97,8 @@ def _update_flat(P, G, S, B, A, coefficients, forms):
     # The loops are inlined here, not called: a call with array arguments costs reference
     # counting (measured 20x slower per element).
     maximize, centered, with_momentum, nesterov, decay_form = forms
-    if decay_form == 0 and not maximize:
-        _update_by_streams(P, G, S, B, A, coefficients, (False, nesterov), 0, with_momentum,
+    if decay_form == 0 and not maximize and not nesterov:
+        _update_by_streams(P, G, S, B, A, coefficients, (False, False), 0, with_momentum,
                            centered)
     else:
         _update_by_streams(P, G, S, B, A, coefficients, (maximize, nesterov), decay_form,
