@@ -3,11 +3,12 @@ scale) against a plain step, over a FlatParams of 10^7 float32 elements, per com
 
 ``pytest bench --benchmark-only`` times each mode (one table per backend) and records bytes
 moved and GB/s. ``test_speed_targets`` (last) times the modes again, interleaved per backend
-(bench/targets.py), and checks that a checked step costs at most 1.3x a plain step. The loss-scaled modes are reported beside it as ratios to
-the plain step: a power-of-two scale (what ``torch.amp.GradScaler`` uses) is unscaled by an
-exact multiplication; another scale needs a division, which competes with the update's own
-``sqrt`` and division for the divider. With ``--benchmark-disable`` each mode runs once and
-``test_modes_agree`` checks that the checked and power-of-two modes give the plain step's bits.
+(bench/targets.py), and checks that a checked step costs at most 1.3x a plain step. The
+loss-scaled modes are reported beside it as ratios to the plain step: a power-of-two scale
+(what ``torch.amp.GradScaler`` uses) is unscaled by an exact multiplication; another scale needs
+a division, which competes with the update's own ``sqrt`` and division for the divider. With
+``--benchmark-disable`` each mode runs once and ``test_modes_agree`` checks that the checked and
+power-of-two modes give the plain step's bits.
 """
 from __future__ import annotations
 
