@@ -145,8 +145,8 @@ class Bucket:
         """Every array a step of this bucket writes."""
         out = [p for p in self.params if p.size]
         for arrays in self.state.values():
-            if arrays is not None:
-                out.extend(a for a in arrays if a.size)
+            if arrays is not None:  # entries are None for parameters that have no state yet
+                out.extend(a for a in arrays if a is not None and a.size)
         return out
 
     def step_count(self, k: int = 0):
