@@ -8,6 +8,7 @@ step. Checkpoints live in :mod:`fastrms.checkpoint`.
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -141,6 +142,7 @@ class RMSprop:
                 f"parameters {j} and {i} (in group order) share memory; each parameter must be "
                 f"its own buffer (was one passed twice?)"))
         self._params = all_params
+        self._lock = threading.Lock()
         self._build()
 
     def _build(self) -> None:
@@ -206,6 +208,10 @@ class RMSprop:
         dividing first in the dtype. With ``skip_nonfinite``, a step whose (unscaled) gradients
         hold a NaN or an infinity changes nothing at all, step counts included.
         """
+        with self._lock:  # steps from two threads at once run one after the other
+            return self._step(grads, grad_scale)
+
+    def _step(self, grads, grad_scale) -> bool:
         if grad_scale is not None:
             check_real("grad_scale", grad_scale)
         engine = self._engine
@@ -285,6 +291,20 @@ class RMSprop:
         checked before the first write.
         """
         checkpoint.load_state_dict(self, state_dict)
+
+    def __getstate__(self) -> dict:
+        """What ``pickle`` and ``copy.deepcopy`` carry: the parameters, the options and the
+        state dict; unpickling builds the optimizer again (the backends' caches are rebuilt)."""
+        groups = [dict(group) for group in self.param_groups]
+        return {"params": self._flat if self._flat is not None else groups,
+                "defaults": self.defaults, "preset": self.preset, "backend": self._backend,
+                "skip_nonfinite": self.skip_nonfinite, "state": self.state_dict()}
+
+    def __setstate__(self, saved: dict) -> None:
+        defaults = dict(saved["defaults"])
+        self.__init__(saved["params"], preset=saved["preset"], backend=saved["backend"],
+                      skip_nonfinite=saved["skip_nonfinite"], **defaults)
+        self.load_state_dict(saved["state"])
 
     def __repr__(self) -> str:
         layout = "FlatParams" if self._flat is not None else "list"

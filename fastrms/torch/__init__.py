@@ -13,6 +13,8 @@ package imports torch; ``import fastrms`` alone never does.
 """
 from __future__ import annotations
 
+import threading
+
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised only where torch is absent
@@ -25,6 +27,7 @@ from torch.optim import Optimizer
 from .. import _dispatch
 from ..engine import group_coefficients, resolve_module
 from ._flat import FlatTensorBucket
+from ._checkpoint import check_checkpoint
 from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, Plan, StepSlots, _get_scalar_dtype,
                     run_torch_jobs)
 from ._tensors import KERNEL_DTYPES
@@ -132,6 +135,7 @@ class RMSprop(torch.optim.RMSprop):
         self._flatten = bool(flatten)
         self._plan = None
         self._slots = StepSlots()
+        self._lock = threading.Lock()
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable,
@@ -171,6 +175,7 @@ class RMSprop(torch.optim.RMSprop):
         self.__dict__.setdefault("_backend", None)
         self.__dict__.setdefault("_flatten", False)
         self.__dict__.setdefault("_slots", StepSlots())
+        self.__dict__.setdefault("_lock", threading.Lock())
         self._plan = None
         for key, value in FASTRMS_OPTIONS.items():
             self.defaults.setdefault(key, value)
@@ -224,11 +229,22 @@ class RMSprop(torch.optim.RMSprop):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, (kernel_jobs, torch_jobs) = self._prepare()
-        plan.engine.run(kernel_jobs)
-        if torch_jobs:
-            run_torch_jobs(torch_jobs, self.defaults["differentiable"])
+        with self._lock:  # steps from two threads at once run one after the other
+            plan, (kernel_jobs, torch_jobs) = self._prepare()
+            plan.engine.run(kernel_jobs)
+            if torch_jobs:
+                run_torch_jobs(torch_jobs, self.defaults["differentiable"])
         return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, after checking that every saved state
+        tensor has its parameter's shape (torch would broadcast some of them silently) and that
+        no entry misses ``step`` or ``square_avg``: a checkpoint that does not fit raises
+        ``ValueError`` / ``KeyError`` and leaves the optimizer unchanged."""
+        with self._lock:
+            check_checkpoint(self.param_groups, state_dict)
+            super().load_state_dict(state_dict)
+            self._plan = None
 
     # -- introspection -----------------------------------------------------------------------
 

@@ -24,16 +24,18 @@ same = operator.is_
 
 
 def layout_key(t: torch.Tensor):
-    """(size, stride) of each dimension longer than 1, in memory order, when ``t`` covers one
-    block of memory without gaps (dense); None otherwise. Two dense tensors with equal keys map
-    each index to the same position in their blocks, so the kernel can walk both as flat."""
-    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1)
+    """(size, stride) of each dimension longer than 1, in dimension order, when ``t`` covers one
+    block of memory without gaps (dense); None otherwise. Two dense tensors of one shape with
+    equal keys map each index to the same position in their blocks, so the kernel can walk both
+    as flat. (A transposed square matrix has the contiguous one's strides, permuted: a
+    different key.)"""
+    dims = tuple((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1)
     expected = 1
-    for stride, size in dims:
+    for stride, size in sorted((stride, size) for size, stride in dims):
         if stride != expected:
             return None
         expected *= size
-    return tuple(dims)
+    return dims
 
 
 def flat_array(t: torch.Tensor) -> np.ndarray:
