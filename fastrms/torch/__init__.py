@@ -109,6 +109,12 @@ class RMSprop(torch.optim.RMSprop):
         ...     opt.state_dict())                       # and back: opt.load_state_dict(...)
     """
 
+    #: torch.amp.GradScaler hands this optimizer the loss scale and its inf check (attributes
+    #: ``grad_scale`` and ``found_inf`` during ``scaler.step(opt)``) instead of unscaling the
+    #: gradients itself: the kernel unscales inside the fused pass (bit-identical to unscaling
+    #: first: the scaler's scales are powers of two) and the whole step is skipped on an inf.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, eps_in_sqrt=False, lr_in_momentum=False,
@@ -230,10 +236,18 @@ class RMSprop(torch.optim.RMSprop):
             with torch.enable_grad():
                 loss = closure()
         with self._lock:  # steps from two threads at once run one after the other
-            plan, (kernel_jobs, torch_jobs) = self._prepare()
+            # torch.amp.GradScaler's protocol for fused optimizers: it sets these two for the
+            # length of the step (see _step_supports_amp_scaling).
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # an inf or NaN in the scaled gradients: skip the whole step
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                grad_scale = float(grad_scale)
+            plan, (kernel_jobs, torch_jobs) = self._prepare(grad_scale)
             plan.engine.run(kernel_jobs)
             if torch_jobs:
-                run_torch_jobs(torch_jobs, self.defaults["differentiable"])
+                run_torch_jobs(torch_jobs, self.defaults["differentiable"], grad_scale)
         return loss
 
     def load_state_dict(self, state_dict) -> None:
@@ -263,25 +277,28 @@ class RMSprop(torch.optim.RMSprop):
                 plan = self._plan = Plan(self, self._slots)
         return plan
 
-    def _prepare(self):
+    def _prepare(self, grad_scale=None):
         """Everything a step needs, checked, before anything is updated: the plan and its
         ``(kernel jobs, torch jobs)``. Rebuilds the plan once if a parameter or its state
         changed since the last step."""
+        def coefficients(group, index, dtype, size):
+            return self._coefficients(group, index, dtype, size, grad_scale)
+
         for _ in range(2):
             plan = self._valid_plan()
-            jobs = plan.jobs(self._coefficients)
+            jobs = plan.jobs(coefficients)
             if jobs is not None:
                 return plan, jobs
             self._plan = None
         raise RuntimeError("fastrms.torch.RMSprop: the parameters kept changing while a step "
                            "was being prepared")  # pragma: no cover
 
-    def _coefficients(self, group: dict, index: int, dtype, size: int = 0):
+    def _coefficients(self, group: dict, index: int, dtype, size: int = 0, grad_scale=None):
         """The group's coefficients for one dtype, through fastrms's one conversion, and the
         backend module for a bucket of ``size`` elements."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
         group = dict(group, centered=bool(group["centered"]), maximize=bool(group["maximize"]))
-        coeffs = group_coefficients(group, dtype, lr, f"param_groups[{index}]")
+        coeffs = group_coefficients(group, dtype, lr, f"param_groups[{index}]", grad_scale)
         return coeffs, resolve_module(self._backend, size, dtype, coeffs.flags)

@@ -224,7 +224,13 @@ def torch_job(state_of, index, group, fallback):
     return (params, grads, square_avgs, grad_avgs, momentum_buffers, steps), options
 
 
-def run_torch_jobs(jobs, differentiable: bool) -> None:
+def run_torch_jobs(jobs, differentiable: bool, grad_scale=None) -> None:
+    """Run torch's implementation; a loss scale is undone first as GradScaler.unscale_ does
+    (multiplying by the float32 reciprocal of the scale)."""
     with torch.set_grad_enabled(differentiable):
         for arguments, options in jobs:
+            if grad_scale is not None:
+                inverse = torch.full((), grad_scale, dtype=torch.float64).reciprocal().float()
+                for g in arguments[1]:
+                    g.mul_(inverse.to(g.dtype))
             torch_rmsprop(*arguments, **options)
