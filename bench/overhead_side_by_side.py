@@ -1,6 +1,6 @@
 """Per-step cost of the optimizer front ends, for comparing two checkouts side by side.
 
-Run from a checkout's root (``python bench/overhead_side_by_side.py``); prints one JSON line of
+Run from a checkout's root (``python bench/overhead_side_by_side.py [threads]``); prints one JSON line of
 best-of timings in microseconds per step for: fastrms.RMSprop on 200 x 5000 float32 arrays as a
 list and as FlatParams, fastrms.torch.RMSprop on 400 small tensors and on 20 x 5e5 tensors.
 Alternate runs of two checkouts (``for i in 1 2 3; do (cd a && python ...); (cd b && ...); done``)
@@ -29,7 +29,10 @@ def best(fn, seconds=1.5, batch=5):
 
 
 def main():
-    out = {"fastrms": fastrms.__file__}
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    if threads:
+        fastrms.set_num_threads(threads)
+    out = {"fastrms": fastrms.__file__, "threads": fastrms.get_num_threads()}
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(5000).astype(np.float32) for _ in range(200)]
     grads = [rng.standard_normal(5000).astype(np.float32) for _ in range(200)]

@@ -95,7 +95,7 @@ def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momen
                  lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     # Only values that cannot change behind the same object may be served from the cache: a
     # mutable numbers.Real (or an unhashable argument) is read, and checked, afresh.
-    if all(map(_IMMUTABLE.__contains__, map(type, arguments))):
+    if _IMMUTABLE.issuperset(map(type, arguments)):
         return _cached(dtype, *arguments)
     return _compute(dtype, *arguments)
 

@@ -17,8 +17,8 @@ from . import _dispatch, checkpoint, presets
 from ._coefficients import check_real
 from ._validation import check_no_internal_overlap, check_param
 from .checkpoint import state_dict_from_arrays, state_dict_to_arrays
-from .engine import (HYPERPARAMETERS, STATE_BUFFERS, ArrayGradients, ArrayLayouts, Bucket, Engine,
-                     StepCounts, check_hyperparameters, check_params_disjoint)
+from .engine import (HYPERPARAMETERS, STATE_BUFFERS, ArrayGradients, Bucket, Engine, StepCounts,
+                     check_hyperparameters, check_params_disjoint)
 from .flat import FlatParams
 
 __all__ = ["HYPERPARAMETERS", "RMSprop", "state_dict_from_arrays", "state_dict_to_arrays"]
@@ -163,7 +163,9 @@ class RMSprop:
                 if not np.isfinite(initial):
                     raise ValueError(f"param_groups[{g}]: initial_square_avg too large for {dtype}")
                 flat = self._flat
-                bucket = Bucket(g, dtype, [self._params[i] for i in members], counts,
+                # Our own views of the parameters: code that reassigns an array's shape, strides
+                # or dtype in place cannot change what the kernel walks (the memory is fixed).
+                bucket = Bucket(g, dtype, [self._params[i][...] for i in members], counts,
                                 [counts.new_slot() for _ in members],
                                 flat.param_buffers[dtype] if flat is not None else None,
                                 flat.grad_buffers[dtype] if flat is not None else None)
@@ -182,15 +184,15 @@ class RMSprop:
                        else operator.itemgetter(*members) for members in self._bucket_indices]
         self._index_arrays = [np.array(m, dtype=np.intp) for m in self._bucket_indices]
         params = self._params
-        self._layouts = ArrayLayouts(params)
         self._grads = ArrayGradients([p.dtype for p in params], [p.shape for p in params],
                                      [p.itemsize for p in params], self._engine,
                                      lambda k: f"grads[{k}]")
 
     def _describe_written(self, array) -> str:
-        for i, p in enumerate(self._params):
-            if p is array:
-                return f"parameter {i}"
+        for bucket, indices in zip(self._engine.buckets, self._bucket_indices):
+            for i, p in zip(indices, bucket.params):
+                if p is array:
+                    return f"parameter {i}"
         for bucket in self._engine.buckets:
             for name, arrays in bucket.state.items():
                 if arrays is not None and any(a is array for a in arrays):
@@ -230,8 +232,6 @@ class RMSprop:
                     raise TypeError(f"grads must be a list of arrays, one per parameter, got "
                                     f"{type(grads).__name__}")
                 grads = list(grads)
-            if not self._layouts.unchanged(self._params):
-                raise ValueError(_changed_param(self._params, self._layouts))
             grads, addresses = self._grads.check(grads)
             plan = engine.plan(self.param_groups, grad_scale)
             jobs = [(bucket, coeffs, module, take(grads), addresses[index])
@@ -372,14 +372,3 @@ def _check_param(p, where: str) -> None:
     if not p.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
     check_no_internal_overlap(**{where: p})
-
-
-def _changed_param(params: list, layouts: ArrayLayouts) -> str:
-    for i, p in enumerate(params):
-        if (p.shape, p.strides, p.dtype) != (layouts.shapes[i], layouts.strides[i],
-                                             layouts.dtypes[i]):
-            return (f"parameter {i} changed since the optimizer was built (shape {p.shape}, "
-                    f"strides {p.strides}, dtype {p.dtype}; it was built with shape "
-                    f"{layouts.shapes[i]}, strides {layouts.strides[i]}, dtype "
-                    f"{layouts.dtypes[i]}); parameters must keep their layout")
-    return "a parameter changed since the optimizer was built"  # pragma: no cover

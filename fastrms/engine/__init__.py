@@ -7,15 +7,15 @@ into :class:`Bucket` objects holding NumPy arrays, and steps them with an :class
 
 - :mod:`.hyperparameters`: group keys, their check, the coefficients of a bucket;
 - :mod:`.buckets`: :class:`Bucket` and :class:`StepCounts`;
-- :mod:`.checks`: disjoint parameters, layouts that must not change, gradients;
+- :mod:`.checks`: disjoint parameters, gradients that fit and do not alias the step's writes;
 - :mod:`.stepper`: :class:`Engine`, the step.
 """
 from .buckets import OPTIONAL_BUFFERS, STATE_BUFFERS, Bucket, StepCounts
-from .checks import ArrayGradients, ArrayLayouts, WrittenRegions, check_params_disjoint
+from .checks import ArrayGradients, WrittenRegions, check_params_disjoint
 from .hyperparameters import HYPERPARAMETERS, check_hyperparameters, group_coefficients
 from .stepper import Engine, resolve_module
 
-__all__ = ["ArrayGradients", "ArrayLayouts", "Bucket", "Engine", "HYPERPARAMETERS",
+__all__ = ["ArrayGradients", "Bucket", "Engine", "HYPERPARAMETERS",
            "OPTIONAL_BUFFERS", "STATE_BUFFERS", "StepCounts", "WrittenRegions",
            "check_hyperparameters", "check_params_disjoint", "group_coefficients",
            "resolve_module"]

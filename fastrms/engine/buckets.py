@@ -62,12 +62,21 @@ class StepCounts:
         chunk, position = slot
         self.chunks[chunk][position] = value
 
-    def groups(self, slots) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``slots`` as ``(chunk, positions)`` pairs, for :meth:`Bucket.advance`."""
+    def groups(self, slots) -> list[tuple[np.ndarray, object]]:
+        """``slots`` as ``(chunk, positions)`` pairs, for :meth:`Bucket.advance`: a slice where
+        the positions are consecutive (the usual case, and a cheaper ``+=``), else an index
+        array."""
         by_chunk: dict[int, list[int]] = {}
         for chunk, position in slots:
             by_chunk.setdefault(chunk, []).append(position)
-        return [(self.chunks[c], np.array(p, dtype=np.intp)) for c, p in by_chunk.items()]
+        out = []
+        for c, positions in by_chunk.items():
+            lo = positions[0]
+            if positions == list(range(lo, lo + len(positions))):
+                out.append((self.chunks[c], slice(lo, lo + len(positions))))
+            else:
+                out.append((self.chunks[c], np.array(positions, dtype=np.intp)))
+        return out
 
 
 class Bucket:

@@ -1,6 +1,6 @@
-"""The engine's per-step checks: parameters that must not share memory, arrays whose layout must be
-what a plan was built from, and gradients that must fit their parameters and must not lie in
-memory the step writes. Everything here runs before the first write of a step.
+"""The engine's per-step checks: parameters that must not share memory, and gradients that must fit
+their parameters and must not lie in memory the step writes. Everything here runs before the
+first write of a step.
 
 The checks are C-level passes over lists (``map``, list ``==``, one NumPy call per list), so a
 step over hundreds of arrays costs microseconds; the loops that can name a culprit run only when
@@ -38,7 +38,6 @@ _ndarray = np.ndarray
 _NDARRAY_ONLY = {np.ndarray}
 get_dtype = operator.attrgetter("dtype")
 get_shape = operator.attrgetter("shape")
-get_strides = operator.attrgetter("strides")
 
 
 def check_params_disjoint(params: list, describe: Callable[[int, int], str]) -> None:
@@ -53,24 +52,6 @@ def check_params_disjoint(params: list, describe: Callable[[int, int], str]) -> 
             if np.shares_memory(params[i], params[j]):
                 raise ValueError(describe(min(i, j), max(i, j)))
         active.append((hi, i))
-
-
-class ArrayLayouts:
-    """The shapes, strides and dtypes of a list of arrays when a plan was made, to compare with
-    at every step (an ndarray's ``shape``, ``strides`` and ``dtype`` can be reassigned in place;
-    its memory cannot move)."""
-
-    __slots__ = ("shapes", "strides", "dtypes")
-
-    def __init__(self, arrays: list):
-        self.shapes = list(map(get_shape, arrays))
-        self.strides = list(map(get_strides, arrays))
-        self.dtypes = list(map(get_dtype, arrays))
-
-    def unchanged(self, arrays: list) -> bool:
-        return (list(map(get_shape, arrays)) == self.shapes
-                and list(map(get_strides, arrays)) == self.strides
-                and list(map(get_dtype, arrays)) == self.dtypes)
 
 
 class WrittenRegions:

@@ -8,6 +8,7 @@ and a change sends the optimizer back to planning before anything is written.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import numpy as np
@@ -18,6 +19,8 @@ from ._tensors import (KERNEL_DTYPES, PLAIN_TYPES, SPARSE, TensorLayouts, data_p
                        get_dtype, get_grad, get_is_cpu, get_shape, is_contiguous, is_neg,
                        layout_key, same)
 
+NONES = itertools.repeat(None)
+is_not = operator.is_not
 STALE = object()  # what prepare() returns when a parameter or its state changed under the plan
 
 
@@ -37,6 +40,7 @@ class TensorBucket:
         self.nbytes = np.array([p.numel() * p.element_size() for p in params], dtype=np.uintp)
         flat_param, flat_grad = self._place_params()
         self.layouts = TensorLayouts(params)
+        self.shapes = [p.shape for p in params]
         self.keys = [layout_key(p) for p in params]
         self.slots = [context.slot_of(p) for p in params]
         self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in params], context.counts,
@@ -55,6 +59,7 @@ class TensorBucket:
             if p_state:
                 self._adopt(k, p_state)
         self.present = None  # which parameters had a gradient at the last step
+        self._all_present = [True] * self.count
         self.clean = None  # (regions, addresses) that last passed the overlap check
         self._watch()
 
@@ -158,9 +163,10 @@ class TensorBucket:
                         self._attach(k, name, self._new_buffer(name, k))
 
     def unchanged(self, state) -> bool:
-        """The parameters and the state tensors lie where the views show (address, shape,
-        strides, dtype), and the state holds the tensors the views show (load_state_dict, or
-        code that assigns into opt.state, replaces them)."""
+        """The parameters lie where the views show (address, shape, strides), the state holds
+        the tensors the views show (load_state_dict, or code that assigns into opt.state,
+        replaces them) and those still hold the memory the views show (``.data =``,
+        ``set_``)."""
         if not self.layouts.unchanged(self.params):
             return False
         current = list(map(state.get, self.params))
@@ -194,7 +200,7 @@ class TensorBucket:
             kept = [(d, t) for d, t in zip(self.dicts, tensors) if t is not None]
             held = [t for _, t in kept]
             watch.append((operator.itemgetter(name), [d for d, _ in kept], held,
-                          TensorLayouts(held)))
+                          TensorLayouts(held, addresses_only=True)))
         self.watch = watch
         return watch
 
@@ -216,7 +222,10 @@ class TensorBucket:
                 (coeffs.centered and not self.centered_on):
             self.switch_on(coeffs.uses_momentum, coeffs.centered)
         grads = list(map(get_grad, self.params))
-        present = [g is not None for g in grads]
+        # The usual case, every parameter with a gradient, is one C-level pass (`None in grads`
+        # would compare tensors with ==).
+        present = (self._all_present if all(map(is_not, grads, NONES))
+                   else [g is not None for g in grads])
         if present != self.present:
             if not any(present):
                 self.present = present
@@ -248,9 +257,10 @@ class TensorBucket:
         NumPy view does), else None for the checked path."""
         if not self.layouts.contiguous:
             return None
-        shapes = self.layouts.shapes if chosen is None else [self.layouts.shapes[k] for k in chosen]
+        shapes = self.shapes if chosen is None else [self.shapes[k] for k in chosen]
         try:
-            if not (list(map(get_dtype, grads)) == self.torch_dtypes[:len(grads)]
+            if not (list(map(get_dtype, grads)) == (self.torch_dtypes if chosen is None else
+                                                    self.torch_dtypes[:len(grads)])
                     and list(map(get_shape, grads)) == shapes
                     and all(map(get_is_cpu, grads)) and all(map(is_contiguous, grads))
                     and not any(map(is_neg, grads))):

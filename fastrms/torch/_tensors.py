@@ -17,6 +17,7 @@ get_shape = operator.attrgetter("shape")
 get_dtype = operator.attrgetter("dtype")
 get_is_cpu = operator.attrgetter("is_cpu")
 data_ptr = torch.Tensor.data_ptr
+numel = torch.Tensor.numel
 stride_of = torch.Tensor.stride
 is_contiguous = torch.Tensor.is_contiguous
 is_neg = torch.Tensor.is_neg
@@ -47,27 +48,35 @@ def flat_array(t: torch.Tensor) -> np.ndarray:
 
 
 class TensorLayouts:
-    """Where a list of tensors lay when a plan was made: data addresses, shapes, strides and
-    dtypes, compared at every step with a few C-level passes. A tensor's memory and layout can
-    change under the same Python object (``p.data = ...``, ``set_``, ``resize_``, ``t_``); any
-    such change makes :meth:`unchanged` False."""
+    """Where a list of tensors lay when a plan was made, compared at every step with a few
+    C-level passes: a tensor's memory and layout can change under the same Python object
+    (``p.data = ...``, ``set_``, ``resize_``, ``t_``), and any such change makes
+    :meth:`unchanged` False.
 
-    __slots__ = ("ptrs", "shapes", "strides", "dtypes", "contiguous")
+    Compared: data addresses (a new tensor, ``set_``, a device move), element counts (a slice at
+    the same address, a dtype view, ``resize_``) and, for contiguous tensors, contiguity (a
+    transposed view at the same address), else the strides. The count is a cheaper pass than the
+    shape, and a reshaped view of the same memory is walked alike. ``addresses_only`` keeps the
+    first pass alone, for state tensors, whose identity in ``opt.state`` is checked besides.
+    """
 
-    def __init__(self, tensors: list):
+    __slots__ = ("ptrs", "sizes", "strides", "contiguous")
+
+    def __init__(self, tensors: list, addresses_only: bool = False):
         self.ptrs = list(map(data_ptr, tensors))
-        self.shapes = list(map(get_shape, tensors))
-        self.dtypes = list(map(get_dtype, tensors))
+        self.sizes = None if addresses_only else list(map(numel, tensors))
         # Contiguous tensors (the usual case) are re-checked with is_contiguous, which is cheaper
         # than comparing stride tuples and proves the same with the shape known.
-        self.contiguous = all(map(is_contiguous, tensors))
+        self.contiguous = addresses_only or all(map(is_contiguous, tensors))
         self.strides = None if self.contiguous else list(map(stride_of, tensors))
 
     def unchanged(self, tensors: list) -> bool:
         try:
-            return (list(map(data_ptr, tensors)) == self.ptrs
-                    and list(map(get_shape, tensors)) == self.shapes
-                    and list(map(get_dtype, tensors)) == self.dtypes
+            if list(map(data_ptr, tensors)) != self.ptrs:
+                return False
+            if self.sizes is None:
+                return True
+            return (list(map(numel, tensors)) == self.sizes
                     and (all(map(is_contiguous, tensors)) if self.contiguous
                          else list(map(stride_of, tensors)) == self.strides))
         except RuntimeError:  # a tensor without storage (sparse, or set_ to nothing usable)
