@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..engine import STATE_BUFFERS, Bucket
+from ._checkpoint import check_state_entry
 from ._tensors import (KERNEL_DTYPES, PLAIN_TYPES, SPARSE, TensorLayouts, data_ptr, flat_array,
                        get_dtype, get_grad, get_is_cpu, get_shape, is_contiguous, is_neg,
                        layout_key, same)
@@ -77,21 +78,10 @@ class TensorBucket:
 
     def _check_existing(self, k: int, p_state: dict) -> None:
         """State that exists already (loaded, or replaced by user code) must fit its parameter:
-        torch raises on a missing key, and a tensor of another shape must not broadcast."""
-        if "square_avg" not in p_state:
-            raise KeyError("square_avg")  # what torch.optim.RMSprop raises
-        p = self.params[k]
-        for name in STATE_BUFFERS:
-            tensor = p_state.get(name)
-            if tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"opt.state of {self.label(k)}[{name!r}] must be a tensor, got "
-                                f"{type(tensor).__name__}")
-            if tensor.shape != p.shape:
-                raise RuntimeError(f"opt.state of {self.label(k)}[{name!r}] has shape "
-                                   f"{tuple(tensor.shape)} but the parameter has shape "
-                                   f"{tuple(p.shape)}")
+        torch raises on a missing key, and a tensor of another shape must not broadcast. (An
+        entry holding only a step, as torch leaves it, counts as missing square_avg too.)"""
+        check_state_entry(p_state, self.params[k], f"opt.state of {self.label(k)}",
+                          "the parameter", RuntimeError)
 
     def _usable(self, name: str, k: int, tensor) -> torch.Tensor:
         """``tensor`` itself when the kernel can walk it alongside the parameter, else a copy

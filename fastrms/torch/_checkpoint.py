@@ -32,20 +32,25 @@ def check_checkpoint(param_groups: list, state_dict) -> None:
         if not isinstance(entry, Mapping):
             raise TypeError(f"state_dict['state'][{saved_id!r}] must be a mapping, got "
                             f"{type(entry).__name__}")
-        if not entry:
+        if entry:
+            check_state_entry(entry, p, f"state_dict['state'][{saved_id!r}]",
+                              f"its parameter {where}", ValueError)
+
+
+def check_state_entry(entry: Mapping, p: torch.Tensor, where: str, owner: str,
+                      wrong_shape: type[Exception]) -> None:
+    """One parameter's state: ``step`` and ``square_avg`` present, every buffer a tensor of the
+    parameter's shape (``wrong_shape`` is the exception to raise otherwise: ValueError when a
+    checkpoint is loaded, RuntimeError at a step, where torch raises its shape errors)."""
+    for key in ("step", "square_avg"):
+        if key not in entry:
+            raise KeyError(f"{where} (the state of {owner}) has no {key!r}")
+    for name in STATE_BUFFERS:
+        value = entry.get(name)
+        if value is None:
             continue
-        for key in ("step", "square_avg"):
-            if key not in entry:
-                raise KeyError(f"state_dict['state'][{saved_id!r}] (the state of {where}) has "
-                               f"no {key!r}")
-        for name in STATE_BUFFERS:
-            value = entry.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state_dict['state'][{saved_id!r}][{name!r}] must be a tensor, "
-                                f"got {type(value).__name__}")
-            if value.shape != p.shape:
-                raise ValueError(f"state_dict['state'][{saved_id!r}][{name!r}] has shape "
-                                 f"{tuple(value.shape)} but its parameter {where} has shape "
-                                 f"{tuple(p.shape)}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}[{name!r}] must be a tensor, got {type(value).__name__}")
+        if value.shape != p.shape:
+            raise wrong_shape(f"{where}[{name!r}] has shape {tuple(value.shape)} but {owner} "
+                              f"has shape {tuple(p.shape)}")
