@@ -157,18 +157,42 @@ def test_centered_state_goes_invalid_without_the_guard():
 
 @pytest.mark.parametrize("name", ["numpy-formula", "numpy-inplace"])
 def test_centered_numpy_rows_time_valid_data(name):
-    """Many samples, as a long bench run takes them: no invalid sqrt, a finite state."""
+    """5000 steps in samples of 100, as the timing loop takes them: no invalid sqrt, and the
+    state is restored every 1000 steps."""
     state = workload.make_state("centered", np.float32, 4096)
     guard = workload.StateGuard("centered", state)
-    steps = {name: registry.get(name).make("centered", state)}
+    step = registry.get(name).make("centered", state)
+    resets = [step.reset] if hasattr(step, "reset") else []
     with warnings.catch_warnings(), np.errstate(all="raise"):
         warnings.simplefilter("error")
-        guard.before(1)
-        steps[name]()
-        timing.time_interleaved(steps, min_time=5e-3, budget=0.5, min_repeats=8,
-                                max_repeats=8, guard=guard)
-    assert guard.restores >= 1
+        for _ in range(50):
+            guard.before(100, resets)
+            for _ in range(100):
+                step()
+    assert guard.restores == 4
     assert np.isfinite(state["param"]).all()
+
+
+def test_the_timing_loop_keeps_to_the_guard():
+    """No sample runs past the guard's budget, and every row's own reset runs at a restore."""
+    count = {"since_restore": 0, "most": 0}
+
+    def make_step():
+        def step():
+            count["since_restore"] += 1
+            count["most"] = max(count["most"], count["since_restore"])
+
+        step.reset = lambda: count.update(since_restore=0)
+        return step
+
+    state = workload.make_state("centered", np.float32, 8)
+    guard = workload.StateGuard("centered", state)
+    guard.limit = 50
+    steps = {"a": make_step(), "b": make_step()}
+    result = timing.time_interleaved(steps, min_time=1e-3, budget=0.05, min_repeats=5,
+                                     max_repeats=5, guard=guard)
+    assert all(r["number"] <= 50 for r in result.values())
+    assert guard.restores > 0 and 0 < count["most"] <= 50
 
 
 def test_a_centered_bench_cell_raises_no_invalid_value():
