@@ -40,8 +40,9 @@ _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
 
 
-def check_name(name) -> str:
-    if name not in _MODULES:
+def check_name(name: object) -> str:
+    """``name`` if it names a backend, else ValueError naming the choices."""
+    if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
     return name
 
@@ -111,4 +112,5 @@ def availability(name: str) -> tuple[bool, str]:
 
 
 def loaded_backends() -> dict[str, ModuleType]:
+    """The backends imported so far, by name."""
     return dict(_loaded)
