@@ -73,8 +73,9 @@ def plot_bandwidth(report: dict, path) -> Path:
     dtypes = report["settings"]["dtypes"]
     variants = report["settings"]["variants"]
     plan = plan_bandwidth(report)
+    width = max(4.6 * len(variants), 7.0)
     fig, axes = plt.subplots(len(dtypes), len(variants), squeeze=False, sharex=True,
-                             figsize=(4.6 * len(variants), 3.6 * len(dtypes) + 1.6))
+                             figsize=(width, 3.6 * len(dtypes) + 1.6))
     handles = {}
     for i, dtype in enumerate(dtypes):
         for j, variant in enumerate(variants):
@@ -113,13 +114,14 @@ def plot_bandwidth(report: dict, path) -> Path:
                  f"cores, SIMD {machine['simd_level']}, {machine['threads']['fastrms']} "
                  f"thread(s), {report['date'][:10]}\n"
                  f"median of interleaved repetitions, one process{busy}", fontsize=11)
+    columns = max(1, min(len(handles), int(width // 3.2)))  # legend entries are long
     fig.legend(list(handles.values()), list(handles), loc="lower center",
-               bbox_to_anchor=(0.5, 0.03), ncol=min(5, len(handles)), fontsize=9, frameon=False)
+               bbox_to_anchor=(0.5, 0.03), ncol=columns, fontsize=9, frameon=False)
     if plan["absent"]:
         fig.text(0.5, 0.01, "absent: " + "; ".join(_short_absence(name, reason)
                                                    for name, reason in plan["absent"]),
                  ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
-    rows_of_legend = -(-len(handles) // 5)
+    rows_of_legend = -(-len(handles) // columns)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * rows_of_legend, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -203,9 +203,10 @@ def _run_cell(usable, dtype, variant, n, **timing) -> list[dict]:
 
 def _memory_needed(variant: str, dtype, n: int) -> int:
     """Bytes a cell may hold at once: 4x the state (shared arrays, optax's and the roofline's
-    copies, the NumPy formula's temporaries)."""
+    copies, the NumPy formula's temporaries), 5x for centered (the copy StateGuard restores)."""
     arrays = 3 if variant == "plain" else 4
-    return 4 * arrays * np.dtype(dtype).itemsize * n
+    copies = 5 if variant == "centered" else 4
+    return copies * arrays * np.dtype(dtype).itemsize * n
 
 
 def _row(name, dtype, variant, n, **fields) -> dict:

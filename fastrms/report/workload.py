@@ -55,7 +55,9 @@ class StateGuard:
     def __init__(self, variant: str, state: dict[str, np.ndarray]):
         self.limit = CENTERED_STEPS_BETWEEN_RESETS if variant == "centered" else None
         self._shared = state
-        self._initial = {name: array.copy() for name, array in state.items()}
+        # Only a state that will be restored is copied (at 10^8 the copy is gigabytes).
+        self._initial = ({} if self.limit is None else
+                         {name: array.copy() for name, array in state.items()})
         self._since_restore = 0
         self.restores = 0
 
