@@ -87,9 +87,9 @@ def format_tables(report: dict) -> str:
 
 
 def format_markdown(report: dict, dtype: str = "float32", variant: str = "plain") -> str:
-    """Two Markdown tables for a README: every row at one dtype and variant (median per step
-    and GB/s by size), and fastrms-auto's speedups over the NumPy formula and torch (foreach)
-    for every dtype and variant."""
+    """Two Markdown tables for docs/performance.md: every row at one dtype and variant (median
+    per step and GB/s by size), and fastrms-auto's speedups over the NumPy formula and torch
+    (foreach) for every dtype and variant."""
     results = report["results"]
     sizes = report["settings"]["sizes"]
     machine = report["machine"]
