@@ -141,11 +141,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def write_outputs(report: dict, out_dir) -> dict:
+def write_outputs(report: dict, out_dir: str | Path) -> dict[str, str | None]:
     """Write bench.json and (when matplotlib is installed) bench.png; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"json": str(out / "bench.json")}
+    written: dict[str, str | None] = {"json": str(out / "bench.json")}
     with open(out / "bench.json", "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")

@@ -31,7 +31,7 @@ def make_state(variant: str, dtype: DTypeLike, n: int, seed: int = 0) -> dict[st
     dtype = np.dtype(dtype)
     state = {"param": rng.standard_normal(n).astype(dtype),
              "grad": rng.standard_normal(n).astype(dtype),
-             "square_avg": np.abs(rng.standard_normal(n)).astype(dtype) + dtype.type(1e-3)}
+             "square_avg": np.abs(rng.standard_normal(n)).astype(dtype) + np.asarray(1e-3, dtype)}
     if variant == "momentum":
         state["momentum_buffer"] = np.zeros(n, dtype)
     if variant == "centered":
