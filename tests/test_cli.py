@@ -125,7 +125,10 @@ def test_demo_without_out_does_not_need_matplotlib(monkeypatch):
 
 
 def test_bench_without_matplotlib_writes_the_json_and_names_the_extra(monkeypatch, tmp_path):
+    import fastrms.report
+
     monkeypatch.setitem(sys.modules, "fastrms.report.plots", None)  # `import` raises ImportError
+    monkeypatch.delattr(fastrms.report, "plots", raising=False)  # loaded by an earlier test
     report = timing.run([1000], ["float32"], ["plain"], ["numpy-formula"], min_time=1e-4,
                         budget=0.01, min_repeats=2, max_repeats=2, progress=None)
     written = bench.write_outputs(report, tmp_path)
