@@ -10,7 +10,8 @@ momentum buffer and the centered gradient average. Three backends give the same 
 >>> fastrms.rmsprop_update(param, grad, square_avg, lr=0.01)
 """
 from ._coefficients import Coefficients, kernel_coefficients
-from ._dispatch import BackendUnavailableError, automatic_choice, set_backend, use_backend
+from ._dispatch import (BackendFallbackWarning, BackendUnavailableError, automatic_choice,
+                        set_backend, use_backend)
 from ._info import info
 from ._threads import get_num_threads, set_num_threads
 from ._update import rmsprop_update
@@ -21,6 +22,7 @@ from .optimizer import RMSprop, state_dict_from_arrays, state_dict_to_arrays
 
 __all__ = [
     "BACKEND_NAMES",
+    "BackendFallbackWarning",
     "BackendUnavailableError",
     "Coefficients",
     "FlatParams",

@@ -3,25 +3,37 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 from . import _dispatch, _threads, backends
 from ._coefficients import CENTERED, MOMENTUM
 from ._version import __version__
 
 
-def info(size: int = 10**6, dtype=np.float32) -> dict:
+def info(size: int = 10**6, dtype: DTypeLike = np.float32) -> dict[str, Any]:
     """A plain dict describing this installation.
 
-    It lists each backend (available or not, and why), what automatic choice picks for ``size``
-    elements of ``dtype`` in each variant (and why), the thread count, the SIMD level the C
-    kernel selected at run time, and the Numba threading layer once Numba is loaded.
+    It lists each backend (available or not, and why: not built, the compiler's error recorded
+    when the build failed, or the error loading the extension), what automatic choice picks for
+    ``size`` elements of ``dtype`` in each variant (and why), the thread count, the SIMD level
+    the C kernel selected at run time, and the Numba threading layer once a parallel Numba
+    kernel has run (``fastrms info --load-numba`` runs one). ``fastrms info`` prints it.
 
-    >>> fastrms.info()["backends"]["c"]["available"]
+    >>> import fastrms
+    >>> report = fastrms.info(size=1000)
+    >>> sorted(report["backends"]) == sorted(fastrms.BACKEND_NAMES)
+    True
+    >>> report["backends"]["numpy"]["available"]
+    True
+    >>> report["automatic_choice"]["plain"]["backend"] in fastrms.BACKEND_NAMES
     True
     """
-    report = {
+    report: dict[str, Any] = {
         "version": __version__,
         "python": sys.version.split()[0],
         "numpy": np.__version__,

@@ -1,8 +1,9 @@
 """Framework presets: each framework's RMSprop defaults and conventions, as data.
 
-This is SPEC.md's table ("Other frameworks"), one :class:`Preset` per row. ``RMSprop(preset=...)``
-starts from a row and lets explicit arguments override any field. Field names are fastrms's;
-``names`` maps them to the framework's own argument names.
+This is the presets table of the contract (docs/contract.md, "Framework presets"), one
+:class:`Preset` per row. ``RMSprop(preset=...)`` starts from a row and lets explicit arguments
+override any field. Field names are fastrms's; ``names`` maps them to the framework's own
+argument names.
 
 >>> from fastrms.presets import PRESETS
 >>> PRESETS["keras"].eps, PRESETS["tf1"].initial_square_avg
@@ -10,6 +11,7 @@ starts from a row and lets explicit arguments override any field. Field names ar
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -36,13 +38,13 @@ class Preset:
     #: always holds the last update.
     always_momentum_buffer: bool = False
     #: The framework's own names for fastrms's arguments, where they differ.
-    names: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     notes: str = ""
 
-    def defaults(self) -> dict:
+    def defaults(self) -> dict[str, float | bool]:
         """The hyperparameter defaults of this preset, as RMSprop keyword arguments (``lr`` is
         absent when the framework requires it)."""
-        values = {
+        values: dict[str, float | bool] = {
             "alpha": self.alpha,
             "eps": self.eps,
             "weight_decay": 0.0,
@@ -60,7 +62,7 @@ class Preset:
         return values
 
 
-PRESETS: MappingProxyType = MappingProxyType({
+PRESETS: Mapping[str, Preset] = MappingProxyType({
     "torch": Preset(
         name="torch", source="torch.optim.RMSprop",
         lr=1e-2, alpha=0.99, eps=1e-8, eps_in_sqrt=False, initial_square_avg=0.0,
@@ -94,7 +96,12 @@ DEFAULT_PRESET = "torch"
 
 
 def get(name: str | None) -> Preset:
-    """The preset called ``name`` (None: torch's), or ValueError naming the choices."""
+    """The preset called ``name`` (None: torch's), or ValueError naming the choices.
+
+    >>> from fastrms import presets
+    >>> presets.get("optax").source
+    'optax.rmsprop'
+    """
     if name is None:
         name = DEFAULT_PRESET
     preset = PRESETS.get(name) if isinstance(name, str) else None

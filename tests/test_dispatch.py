@@ -241,6 +241,7 @@ def test_requested_unavailable_backend_says_why(spy, monkeypatch, name):
     assert report["available"] is False and report["reason"] == reason
 
 
+@pytest.mark.filterwarnings("ignore::fastrms.BackendFallbackWarning")  # tests/test_install.py
 def test_automatic_choice_skips_unavailable_backends(spy, monkeypatch):
     for name in ("c", "numba"):
         require_backend(name)

@@ -10,7 +10,7 @@ import pytest
 
 from fastrms.backends.numpy_reference import reference_step
 from fastrms import kernel_coefficients
-from fastrms.report import bench, demo, registry
+from fastrms.report import bench, demo, machine, registry
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
@@ -201,7 +201,7 @@ def test_demo_figures(tiny_training, tmp_path):
 
 
 def test_a_size_that_does_not_fit_in_memory_is_skipped_with_the_reason(monkeypatch):
-    monkeypatch.setattr(bench, "_memory_available", lambda: 1000)  # bytes
+    monkeypatch.setattr(machine, "memory_available", lambda: 1000)  # bytes
     report = bench.run(**dict(QUICK, variants=["plain"]), names=["numpy-formula", "fastrms-c"])
     assert [r["name"] for r in report["results"]] == ["numpy-formula", "fastrms-c"]
     for row in report["results"]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 #: name -> module, in order of preference when several are equally fast.
@@ -42,8 +43,9 @@ _load_errors: dict[str, str] = {}
 on_load: list = []
 
 
-def check_name(name) -> str:
-    if name not in _MODULES:
+def check_name(name: object) -> str:
+    """``name`` if it names a backend, else ValueError naming the choices."""
+    if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
     return name
 
@@ -58,13 +60,39 @@ def load(name: str) -> ModuleType:
         raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors[name]}")
     try:
         module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+    except (ImportError, AttributeError, OSError) as exc:
+        _load_errors[name] = _c_reason(exc) if name == "c" else f"{type(exc).__name__}: {exc}"
         raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors[name]}") from exc
     _loaded[name] = module
     for hook in on_load:
         hook(module)
     return module
+
+
+#: Left beside the package by the build (csrc/setup_commands.py) when the C extension failed to
+#: compile: the compiler's error, as the install saw it.
+BUILD_ERROR_FILE = "_fastrms_c.build-error.txt"
+_EXTENSION = "fastrms._fastrms_c"
+
+
+def _c_reason(exc: BaseException) -> str:
+    """Why the C backend did not load: never built, failed to build (the compiler's error,
+    recorded at install time), or built but failed to load (a corrupt or foreign .so)."""
+    package_dir = Path(__file__).resolve().parent.parent
+    try:
+        spec = importlib.util.find_spec(_EXTENSION)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        recorded = package_dir / BUILD_ERROR_FILE
+        if recorded.is_file():
+            return recorded.read_text(errors="replace").strip()
+        return (f"the C extension {_EXTENSION} is not built in {package_dir} (install with "
+                f"`pip install .` and a C compiler; inside the source tree, `pip install -e .` "
+                f"or `python setup.py build_ext --inplace`, since the tree's own fastrms/ "
+                f"shadows an installed copy there)")
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return f"the C extension {spec.origin} failed to load: {type(cause).__name__}: {cause}"
 
 
 def availability(name: str) -> tuple[bool, str]:
@@ -80,10 +108,11 @@ def availability(name: str) -> tuple[bool, str]:
         return True, "installed; imported and compiled on first use"
     try:
         load(name)
-    except RuntimeError as exc:
-        return False, str(exc.__cause__ or exc)
+    except RuntimeError:
+        return False, _load_errors[name]
     return True, "loaded"
 
 
 def loaded_backends() -> dict[str, ModuleType]:
+    """The backends imported so far, by name."""
     return dict(_loaded)

@@ -8,7 +8,7 @@
    weights; each step the NumPy gradients are copied into ``.grad``). It prints loss and test
    accuracy per epoch and the time spent inside the optimizer's ``step``. The two fastrms runs
    must end with identical weights (every backend gives the reference's bits); torch agrees to
-   a tolerance only (its float32 sqrt is not correctly rounded, SPEC.md).
+   a tolerance only (its float32 sqrt is not correctly rounded: docs/contract.md).
 2. The paths of SGD, SGD with momentum and RMSprop on the contours of the ill-conditioned
    quadratic f(x, y) = (x^2 + 25 y^2) / 2: SGD must keep its step below 2/25 for the steep
    direction and crawls along the shallow one; momentum overshoots and spirals; RMSprop divides
@@ -21,11 +21,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+#: ``fastrms demo --help``: plain text.
+DESCRIPTION = """\
+Train a NumPy MLP (64-64-10, tanh, softmax cross-entropy) on scikit-learn's bundled digits
+(no download) with fastrms.RMSprop, with its NumPy reference backend and, when torch is
+installed, with torch.optim.RMSprop, from the same weights and batches; print loss and test
+accuracy per epoch and the time inside step(). Then run SGD, momentum and RMSprop on
+f(x, y) = (x^2 + 25 y^2) / 2. Figures are written only with --out DIR.
+Needs scikit-learn (and matplotlib for --out): pip install "fastrms[bench]"."""
+EXTRA_HINT = 'pip install "fastrms[bench]"'
 
 
 def _rmsprop_class():
@@ -283,18 +294,45 @@ def optimizer_paths(steps: int = 50) -> dict:
 # -- command line -------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--hidden", type=int, default=64, help="hidden units (default 64)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--subset", type=int, default=None, help="use only N training samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-torch", action="store_true", help="skip torch.optim.RMSprop")
-    parser.add_argument("--out", default=None,
-                        help="write demo_training.png and demo_paths.png into DIR")
+    from .bench import positive_float, positive_int
+
+    parser.add_argument("--epochs", type=positive_int, default=15, metavar="N",
+                        help="passes over the training set (default %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=64, metavar="N",
+                        help="hidden units (default %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=32, metavar="N",
+                        help="minibatch size (default %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3,
+                        metavar="LR", help="RMSprop learning rate (default %(default)s)")
+    parser.add_argument("--subset", type=positive_int, default=None, metavar="N",
+                        help="use only the first N training samples (default: all 1437)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial weights and the batch order (default "
+                             "%(default)s)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip torch.optim.RMSprop even when torch is installed")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write demo_training.png and demo_paths.png into DIR (needs "
+                             "matplotlib; default: no files)")
 
 
-def run_command(args) -> int:
+def missing_extras(with_figures: bool) -> str | None:
+    """The one-line reason the demo cannot run here, naming the extra to install, or None."""
+    missing = [name for module, name in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if (module != "matplotlib" or with_figures)
+               and importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    needs = " and ".join(missing)
+    return (f"fastrms demo needs {needs}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: {EXTRA_HINT}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    problem = missing_extras(with_figures=bool(args.out))
+    if problem is not None:
+        print(f"fastrms demo: error: {problem}", file=sys.stderr)
+        return 1
     result = train(epochs=args.epochs, hidden=args.hidden, batch=args.batch, lr=args.lr,
                    subset=args.subset, seed=args.seed, with_torch=not args.no_torch)
     paths = optimizer_paths()
@@ -323,9 +361,11 @@ def write_figures(result: dict, paths: dict, out_dir) -> list[str]:
     return [str(training), str(picture)]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastrms.report.demo",
-                                     description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    from .bench import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m fastrms.report.demo", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run_command(parser.parse_args(argv))
 

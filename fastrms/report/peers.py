@@ -1,15 +1,43 @@
-"""Step factories for the peers: torch.optim.RMSprop, numexpr and optax under jax.jit.
+"""The peers the bench report times: torch.optim.RMSprop, numexpr and optax under jax.jit.
 
-Each takes ``(variant, state)`` as the registry's factories do and imports its library when
-called. The hyperparameters are the registry's (lr, alpha, eps, momentum).
+A peer is one :class:`Peer` in :data:`PEERS`: its row name, a description, an availability check
+returning ``(available, reason)`` and a factory ``(variant, state) -> step``, as for every row
+of :mod:`fastrms.report.registry`, which lists these after its own. To add a peer, write its
+factory and check here and append a ``Peer``; nothing else changes. Each factory imports its
+library when called, so importing this module imports none of them. The hyperparameters are
+the workload's (:mod:`fastrms.report.workload`).
+
+A factory whose step keeps copies of the state (optax's own device arrays) sets
+``step.reset()``, which the timing loop calls after it restores the shared arrays.
 """
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
-from .registry import ALPHA, EPS, LR, MOMENTUM_VALUE
+from .workload import ALPHA, EPS, LR, MOMENTUM_VALUE
+
+
+class Peer(NamedTuple):
+    name: str
+    description: str
+    check: Callable[[], tuple[bool, str]]
+    factory: Callable[[str, dict], Callable[[], None]]
+
+
+def module_check(module: str, install: str) -> Callable[[], tuple[bool, str]]:
+    """An availability check: ``module`` imports, else its absence and how to install it."""
+    def check() -> tuple[bool, str]:
+        try:
+            found = importlib.import_module(module)
+        except ImportError as exc:
+            return False, f"{module} is not installed ({exc.__class__.__name__}; {install})"
+        return True, f"{module} {getattr(found, '__version__', '?')}"
+    return check
 
 
 def _torch(variant: str, state: dict, foreach: bool):
@@ -124,8 +152,15 @@ def optax_step(variant: str, state: dict):
         with x64(True):
             step32()
 
+    def reset():
+        """Start again from the shared arrays (restored by the timing loop)."""
+        with x64(True) if wide else contextlib.nullcontext():
+            current[0] = jnp.array(state["param"])
+            current[1] = _seeded(transform.init(current[0]), state, jnp)
+
     step = step64 if wide else step32
     step.current = current  # the live [params, opt_state], for tests
+    step.reset = reset
     return step
 
 
@@ -146,3 +181,30 @@ def _seeded(opt_state, state: dict, jnp):
     if isinstance(opt_state, (tuple, list)):
         return type(opt_state)(_seeded(item, state, jnp) for item in opt_state)
     return opt_state
+
+
+def _optax_check() -> tuple[bool, str]:
+    for module, install in (("jax", "pip install jax jaxlib optax"), ("optax", "pip install optax")):
+        ok, reason = module_check(module, install)()
+        if not ok:
+            return ok, reason
+    import jax
+    import optax
+
+    return True, f"optax {optax.__version__}, jax {jax.__version__}"
+
+
+_TORCH_INSTALL = "pip install torch==2.13.0 (the CPU wheel; an unpinned torch pulls CUDA)"
+
+#: The peers, in the order the tables list them (after fastrms's own rows). The report's
+#: "vs torch" column is relative to ``torch-foreach``.
+PEERS: tuple[Peer, ...] = (
+    Peer("torch-forloop", "torch.optim.RMSprop(foreach=False)",
+         module_check("torch", _TORCH_INSTALL), torch_forloop),
+    Peer("torch-foreach", "torch.optim.RMSprop(foreach=True)",
+         module_check("torch", _TORCH_INSTALL), torch_foreach),
+    Peer("numexpr", "numexpr.evaluate, one fused expression per output, out=",
+         module_check("numexpr", "pip install numexpr"), numexpr_step),
+    Peer("optax-jit", "optax.rmsprop under jax.jit with donated buffers", _optax_check,
+         optax_step),
+)

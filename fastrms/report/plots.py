@@ -1,6 +1,7 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display needed).
 
 Importing this module imports matplotlib; callers import it only when they write a figure.
+:func:`plan_bandwidth` is the bench figure as plain data, which the tests check.
 """
 from __future__ import annotations
 
@@ -12,49 +13,92 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from .bench import NOISY_CORES  # noqa: E402  (cells timed while other processes were busy)
+from .tables import NOISY_CORES  # noqa: E402  (cells timed while other processes were busy)
 
 #: Line styles by implementation kind: fastrms solid and thick, baselines dotted, peers dashed.
 _STYLE = {"fastrms": dict(linestyle="-", linewidth=2.0, marker="o", markersize=4),
           "baseline": dict(linestyle=":", linewidth=1.6, marker="s", markersize=4),
           "peer": dict(linestyle="--", linewidth=1.4, marker="^", markersize=4)}
+#: The automatic choice usually is the C backend, so its line would hide C's: thinner,
+#: dash-dotted, with open markers, and drawn on top.
+_AUTO_STYLE = dict(linestyle="-.", linewidth=1.3, marker="D", markersize=6,
+                   markerfacecolor="none", zorder=4)
 _ROOFLINE_STYLE = dict(color="black", linestyle=(0, (6, 3)), linewidth=2.8, marker="",
                        zorder=5)
+_ABOVE_STYLE = dict(marker="o", markersize=13, markerfacecolor="none", markeredgecolor="red",
+                    markeredgewidth=2.0, linestyle="", zorder=6)
+#: A row faster than the roofline by more than this is flagged: the roofline moves the same
+#: bytes with trivial arithmetic, so such a figure says the timing, not the kernel, is off.
+ABOVE_ROOFLINE = 1.0
+AUTO = "fastrms-auto"
+
+
+def plan_bandwidth(report: dict) -> dict:
+    """What :func:`plot_bandwidth` draws, as plain data (so it can be checked without pixels).
+
+    Returns ``{"lines": {name: {"label", "style"}}, "absent": [(name, reason)], "above_roofline":
+    [(dtype, variant, n, name, fraction)], "noisy": [(dtype, variant, n)]}``.
+    """
+    kinds = {impl["name"]: impl["kind"] for impl in report["implementations"]}
+    names = [impl["name"] for impl in report["implementations"] if impl["available"]]
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    colors = dict(zip([n for n in names if kinds[n] != "roofline"], palette))
+    lines = {}
+    for name in names:
+        if kinds[name] == "roofline":
+            lines[name] = {"label": "roofline (same streams, trivial arithmetic)",
+                           "style": dict(_ROOFLINE_STYLE)}
+        elif name == AUTO:
+            chosen = report.get("machine", {}).get("automatic_choice")
+            lines[name] = {"label": f"{name} (chooses {chosen})" if chosen else name,
+                           "style": dict(_AUTO_STYLE, color=colors[name])}
+        else:
+            lines[name] = {"label": name,
+                           "style": dict(_STYLE.get(kinds[name], {}), color=colors[name])}
+    above = [(r["dtype"], r["variant"], r["n"], r["name"], r["fraction_of_roofline"])
+             for r in report["results"]
+             if kinds.get(r["name"]) != "roofline"
+             and (r.get("fraction_of_roofline") or 0) > ABOVE_ROOFLINE]
+    noisy = sorted({(r["dtype"], r["variant"], r["n"]) for r in report["results"]
+                    if (r.get("others_busy_cores") or 0) > NOISY_CORES})
+    absent = [(impl["name"], impl["reason"]) for impl in report["implementations"]
+              if not impl["available"]]
+    return {"lines": lines, "absent": absent, "above_roofline": above, "noisy": noisy}
 
 
 def plot_bandwidth(report: dict, path) -> Path:
     """GB/s against size (log x), one panel per dtype and variant, one line per implementation;
-    the roofline kernel drawn thick, black and dashed."""
+    the roofline kernel drawn thick, black and dashed. A cell where a row beats the roofline is
+    ringed in red, and the implementations that are absent are named under the legend."""
     dtypes = report["settings"]["dtypes"]
     variants = report["settings"]["variants"]
-    kinds = {impl["name"]: impl["kind"] for impl in report["implementations"]}
-    names = [impl["name"] for impl in report["implementations"] if impl["available"]]
-    colors = dict(zip([n for n in names if kinds[n] != "roofline"],
-                      plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors))
+    plan = plan_bandwidth(report)
+    width = max(4.6 * len(variants), 7.0)
     fig, axes = plt.subplots(len(dtypes), len(variants), squeeze=False, sharex=True,
-                             figsize=(4.6 * len(variants), 3.6 * len(dtypes) + 1.2))
+                             figsize=(width, 3.6 * len(dtypes) + 1.6))
     handles = {}
     for i, dtype in enumerate(dtypes):
         for j, variant in enumerate(variants):
             ax = axes[i][j]
-            for name in names:
+            for name, line_plan in plan["lines"].items():
                 rows = sorted((r for r in report["results"] if r["name"] == name
                                and r["dtype"] == dtype and r["variant"] == variant
                                and "gb_per_s" in r), key=lambda r: r["n"])
                 if not rows:
                     continue
-                style = (_ROOFLINE_STYLE if kinds[name] == "roofline"
-                         else dict(_STYLE.get(kinds[name], {}), color=colors[name]))
-                label = "roofline (same streams, trivial arithmetic)" if kinds[name] == "roofline" else name
                 (line,) = ax.plot([r["n"] for r in rows], [r["gb_per_s"] for r in rows],
-                                  label=label, **style)
-                handles.setdefault(label, line)
-            noisy = sorted({r["n"] for r in report["results"]
-                            if r["dtype"] == dtype and r["variant"] == variant
-                            and (r.get("others_busy_cores") or 0) > NOISY_CORES})
-            for n in noisy:  # timed while other processes were busy: shade, do not hide
-                band = ax.axvspan(n / 1.6, n * 1.6, color="0.88", zorder=0)
-                handles.setdefault(f"other processes busy > {NOISY_CORES} cores", band)
+                                  label=line_plan["label"], **line_plan["style"])
+                handles.setdefault(line_plan["label"], line)
+            rates = {(r["name"], r["n"]): r["gb_per_s"] for r in report["results"]
+                     if r["dtype"] == dtype and r["variant"] == variant and "gb_per_s" in r}
+            for d, v, n, name, fraction in plan["above_roofline"]:
+                if (d, v) == (dtype, variant):
+                    (ring,) = ax.plot([n], [rates[(name, n)]], **_ABOVE_STYLE)
+                    handles.setdefault("above the roofline: suspect timing", ring)
+            for d, v, n in plan["noisy"]:  # timed while other processes were busy: shade
+                if (d, v) == (dtype, variant):
+                    band = ax.axvspan(n / 1.6, n * 1.6, color="0.88", zorder=0)
+                    handles.setdefault(f"other processes busy > {NOISY_CORES} cores", band)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.grid(True, which="major", alpha=0.35)
@@ -70,13 +114,24 @@ def plot_bandwidth(report: dict, path) -> Path:
                  f"cores, SIMD {machine['simd_level']}, {machine['threads']['fastrms']} "
                  f"thread(s), {report['date'][:10]}\n"
                  f"median of interleaved repetitions, one process{busy}", fontsize=11)
+    columns = max(1, min(len(handles), int(width // 3.2)))  # legend entries are long
     fig.legend(list(handles.values()), list(handles), loc="lower center",
-               ncol=min(6, len(handles)), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.09 if len(handles) > 6 else 0.06, 1, 1))
+               bbox_to_anchor=(0.5, 0.03), ncol=columns, fontsize=9, frameon=False)
+    if plan["absent"]:
+        fig.text(0.5, 0.01, "absent: " + "; ".join(_short_absence(name, reason)
+                                                   for name, reason in plan["absent"]),
+                 ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
+    rows_of_legend = -(-len(handles) // columns)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * rows_of_legend, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _short_absence(name: str, reason: str) -> str:
+    """``torch-foreach (torch is not installed)``: the reason up to its first parenthesis."""
+    return f"{name} ({reason.split(' (')[0]})"
 
 
 def plot_training(history: dict, path) -> Path:

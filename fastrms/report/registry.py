@@ -3,52 +3,36 @@
 Each :class:`Implementation` has a name, a kind (``baseline``, ``fastrms``, ``roofline`` or
 ``peer``), a one-line description, an availability check returning ``(available, reason)``,
 and a factory ``make(variant, state) -> step``: ``state`` is a dict of arrays from
-:func:`make_state` (``param``, ``grad``, ``square_avg`` and, by variant, ``momentum_buffer`` or
-``grad_avg``) and ``step()`` performs one optimizer step on it. Every factory works on the
-arrays it is given (torch through ``torch.from_numpy``) except optax, whose jitted step with
-donated buffers needs arrays of its own, and the roofline kernel, whose nonsense arithmetic
-writes copies. The factories get a shallow copy of the dict, so one
-that rebinds entries (the NumPy formula) does not disturb the others.
+:func:`~fastrms.report.workload.make_state` (``param``, ``grad``, ``square_avg`` and, by
+variant, ``momentum_buffer`` or ``grad_avg``) and ``step()`` performs one optimizer step on it.
+Every factory works on the arrays it is given (torch through ``torch.from_numpy``) except optax,
+whose jitted step with donated buffers needs arrays of its own, and the roofline kernel, whose
+nonsense arithmetic writes copies. The factories get a shallow copy of the dict, so one that
+rebinds entries (the NumPy formula) does not disturb the others; a step that keeps state of its
+own sets ``step.reset()`` (see :class:`~fastrms.report.workload.StateGuard`).
 
-The hyperparameters are torch's defaults with lr 1e-3: lr=1e-3, alpha=0.99, eps=1e-8, and
-momentum=0.9 for the momentum variant.
+The peers (torch, numexpr, optax) are :data:`fastrms.report.peers.PEERS`, listed after
+fastrms's own rows. The workload (hyperparameters, variants, streams) is
+:mod:`fastrms.report.workload`; its names are re-exported here.
 """
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-LR, ALPHA, EPS, MOMENTUM_VALUE = 1e-3, 0.99, 1e-8, 0.9
-#: variant -> the keyword arguments of fastrms.rmsprop_update that make it.
-VARIANTS = {"plain": {}, "momentum": {"momentum": MOMENTUM_VALUE}, "centered": {"centered": True}}
-#: Streams read + written per element: plain reads p, g, s and writes p, s; momentum and
-#: centered add one buffer each, read and written.
-STREAMS = {"plain": 5, "momentum": 7, "centered": 7}
+from . import peers
+from .workload import (ALPHA, EPS, LR, MOMENTUM_VALUE, STREAMS, VARIANTS, bytes_moved,
+                       make_state)
+
+__all__ = ["ALPHA", "BASELINE", "BY_NAME", "EPS", "IMPLEMENTATIONS", "Implementation", "LR",
+           "MOMENTUM_VALUE", "ROOFLINE", "STREAMS", "TORCH", "VARIANTS", "bytes_moved", "get",
+           "make_state", "numpy_formula", "numpy_inplace"]
+
 #: Elements per block of the in-place NumPy version: its scratch and the slices of every
 #: stream stay in L2 while the ~12 ufunc passes run over them.
 NUMPY_BLOCK = 16384
-
-
-def bytes_moved(variant: str, dtype, n: int) -> int:
-    """Bytes one step must move at least: streams x itemsize x n."""
-    return STREAMS[variant] * np.dtype(dtype).itemsize * n
-
-
-def make_state(variant: str, dtype, n: int, seed: int = 0) -> dict:
-    """Arrays for one step of ``variant``: random param and grad, positive square_avg."""
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    state = {"param": rng.standard_normal(n).astype(dtype),
-             "grad": rng.standard_normal(n).astype(dtype),
-             "square_avg": np.abs(rng.standard_normal(n)).astype(dtype) + dtype.type(1e-3)}
-    if variant == "momentum":
-        state["momentum_buffer"] = np.zeros(n, dtype)
-    if variant == "centered":
-        state["grad_avg"] = np.zeros(n, dtype)
-    return state
 
 
 @dataclass(frozen=True)
@@ -77,6 +61,7 @@ def numpy_formula(variant: str, state: dict):
     """The straightforward NumPy formula: whole-array expressions, a temporary per operation,
     the state rebound (as most hand-written NumPy optimizers do)."""
     p, g = state["param"], state["grad"]
+    shared = dict(state)
 
     def step():
         s = state["square_avg"] = ALPHA * state["square_avg"] + (1 - ALPHA) * g * g
@@ -88,14 +73,20 @@ def numpy_formula(variant: str, state: dict):
             p[...] -= LR * b
         else:
             p[...] -= LR * g / (np.sqrt(s) + EPS)
+
+    def reset():
+        """Rebind to the shared arrays again (restored by the timing loop)."""
+        state.update(shared)
+
+    step.reset = reset
     return step
 
 
 def numpy_inplace(variant: str, state: dict, block: int = NUMPY_BLOCK):
     """The update as well as NumPy allows: ufuncs with ``out=``, two preallocated scratch
     buffers, no temporaries, and the arrays walked in blocks so the ~12 passes over each block
-    run in cache. It follows SPEC.md's order with fastrms's coefficients, so it gives the NumPy
-    reference's bits (a test checks that)."""
+    run in cache. It follows the update order of docs/contract.md with fastrms's coefficients,
+    so it gives the NumPy reference's bits (a test checks that)."""
     from fastrms import kernel_coefficients
 
     p, g, s = state["param"], state["grad"], state["square_avg"]
@@ -200,38 +191,6 @@ def _always() -> tuple[bool, str]:
     return True, "NumPy"
 
 
-def _module_check(module: str, install: str):
-    def check():
-        try:
-            found = importlib.import_module(module)
-        except ImportError as exc:
-            return False, f"{module} is not installed ({exc.__class__.__name__}; {install})"
-        return True, f"{module} {getattr(found, '__version__', '?')}"
-    return check
-
-
-def _peer(name: str):
-    """Factories in fastrms.report.peers, imported only when a peer is made."""
-    def factory(variant: str, state: dict):
-        from . import peers
-
-        return getattr(peers, name)(variant, state)
-    return factory
-
-
-def _optax_check() -> tuple[bool, str]:
-    for module, install in (("jax", "pip install jax jaxlib optax"), ("optax", "pip install optax")):
-        ok, reason = _module_check(module, install)()
-        if not ok:
-            return ok, reason
-    import jax
-    import optax
-
-    return True, f"optax {optax.__version__}, jax {jax.__version__}"
-
-
-_TORCH_INSTALL = "pip install torch==2.13.0 (the CPU wheel; an unpinned torch pulls CUDA)"
-
 #: The registry, in the order the tables list it. The report's speedup columns are relative to
 #: ``numpy-formula`` and ``torch-foreach``; its roofline column to ``roofline``.
 IMPLEMENTATIONS = (
@@ -252,20 +211,15 @@ IMPLEMENTATIONS = (
     Implementation("roofline", "roofline",
                    "the C roofline kernel: the same streams, trivial arithmetic (own copies)",
                    _backend_check("c"), _roofline_step("c")),
-    Implementation("torch-forloop", "peer", "torch.optim.RMSprop(foreach=False)",
-                   _module_check("torch", _TORCH_INSTALL), _peer("torch_forloop")),
-    Implementation("torch-foreach", "peer", "torch.optim.RMSprop(foreach=True)",
-                   _module_check("torch", _TORCH_INSTALL), _peer("torch_foreach")),
-    Implementation("numexpr", "peer", "numexpr.evaluate, one fused expression per output, out=",
-                   _module_check("numexpr", "pip install numexpr"), _peer("numexpr_step")),
-    Implementation("optax-jit", "peer", "optax.rmsprop under jax.jit with donated buffers",
-                   _optax_check, _peer("optax_step")),
+    *(Implementation(peer.name, "peer", peer.description, peer.check, peer.factory)
+      for peer in peers.PEERS),
 )
 BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
 BASELINE, ROOFLINE, TORCH = "numpy-formula", "roofline", "torch-foreach"
 
 
 def get(name: str) -> Implementation:
+    """The row called ``name``, or ValueError naming the choices."""
     try:
         return BY_NAME[name]
     except KeyError:
