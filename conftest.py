@@ -25,7 +25,7 @@ def _c_unavailable() -> bool:
 
 #: module file -> a check that is true when it cannot be imported here.
 OPTIONAL = {
-    "fastrms/torch.py": _missing("torch"),
+    "fastrms/torch": _missing("torch"),
     "fastrms/report/plots.py": _missing("matplotlib"),
     "fastrms/backends/numba_backend.py": _missing("numba"),
     "fastrms/backends/c_backend.py": _c_unavailable,

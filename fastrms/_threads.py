@@ -26,7 +26,11 @@ def set_num_threads(n: int | None) -> None:
     """Set the number of threads the C and Numba kernels use (both, now and when loaded later),
     at most the number of usable CPUs. ``None`` goes back to following OpenMP's setting.
 
+    >>> import fastrms
     >>> fastrms.set_num_threads(1)   # for example, when the caller runs its own thread pool
+    >>> fastrms.get_num_threads()
+    1
+    >>> fastrms.set_num_threads(None)  # back to OpenMP's setting
     """
     global _num_threads
     if n is not None:
