@@ -29,7 +29,7 @@ class FlatParams:
         >>> flat.grads[0][...] = 0.5          # the caller's backward pass fills the views
         >>> opt.step()                        # one fused call for all float32 arrays
         True
-        >>> flat.params[0][0, 0] < 1.0
+        >>> bool(flat.params[0][0, 0] < 1.0)
         True
     """
 
