@@ -329,9 +329,10 @@ class ShardedRMSprop:
             out = into[d][lo - shard_lo:hi - shard_lo]
         sources = [own if q == self.rank else rows[self._peers.index(q)]
                    for q in range(self.world_size)]
-        np.add(sources[0], sources[1], out=out)
-        for source in sources[2:]:
-            np.add(out, source, out=out)
+        with np.errstate(over="ignore", invalid="ignore"):  # skip_nonfinite's business
+            np.add(sources[0], sources[1], out=out)
+            for source in sources[2:]:
+                np.add(out, source, out=out)
         return out
 
     def _update(self, j: int, grad, per_dtype, states) -> None:
