@@ -465,21 +465,26 @@ def _agree(comm, error, parts, what: str) -> None:
     """The collective check that ends every local preparation: every rank learns whether any
     rank failed (each failing rank raises its own error, the others :class:`RankError`) and
     whether the ranks' ``parts`` (name -> short text) agree (``ValueError`` on every rank
-    naming what differs). One small all-gather of digests; the texts travel only on a mismatch.
+    naming what differs). One all-reduce of three integers, whatever the world size; the
+    messages and texts travel only when something is wrong.
     """
-    local = (None if error is None else f"{type(error).__name__}: {error}",
-             None if error is not None else _digest(repr(sorted(parts.items()))))
-    everyone = comm.allgather(local)
-    failed = [(q, message) for q, (message, _) in enumerate(everyone) if message is not None]
+    MPI = _mpi()
+    digest = 0 if error is not None else int(_digest(repr(sorted(parts.items()))), 16) >> 1
+    local = np.array([error is not None, digest, -digest], np.int64)
+    found = np.empty_like(local)
+    comm.Allreduce(local, found, op=MPI.MAX)
+    if not found[0] and found[1] == -found[2]:
+        return
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    everyone = comm.allgather((message, parts))
+    failed = [(q, text) for q, (text, _) in enumerate(everyone) if text is not None]
     if failed:
         if error is not None:
             raise error
-        q, message = failed[0]
-        raise RankError(f"{what} failed on rank {q} ({message}); every rank raises and none "
+        q, text = failed[0]
+        raise RankError(f"{what} failed on rank {q} ({text}); every rank raises and none "
                         f"changed anything")
-    if len({digest for _, digest in everyone}) == 1:
-        return
-    texts = comm.allgather(parts)
+    texts = [theirs for _, theirs in everyone]
     for q in range(1, len(texts)):
         for name in texts[0]:
             if texts[q].get(name) != texts[0][name]:
