@@ -149,7 +149,8 @@ class ShardedRMSprop:
             self._buckets.extend(buckets(self.bounds[d], piece, d))
         self._mpi_types = [{4: self._MPI.FLOAT, 8: self._MPI.DOUBLE}[d.itemsize]
                            for d in self._dtypes]
-        self._peers = [q for q in range(world) if q != rank]
+        #: Per rank, its row in a staging slot (None for this rank, whose piece stays in place).
+        self._row_of_rank = [None if q == rank else q - (q > rank) for q in range(world)]
         # Two slots (one bucket arriving while the last one is summed and updated), each with
         # one row per peer; the reduced gradient of a bucket is summed into its first row.
         self._slots = [[np.empty((world - 1, piece), dtype) for dtype, piece in
@@ -158,7 +159,28 @@ class ShardedRMSprop:
         self._reduced = ([np.empty(hi - lo, dtype) for dtype, (lo, hi) in
                           zip(self._dtypes, self.shard)]
                          if self._inner.skip_nonfinite and world > 1 else None)
+        self._routes = [self._route(bucket) for bucket in self._buckets] if world > 1 else []
         self._layout_digest = _digest(repr([(str(d), o, n, s) for d, o, n, s in flat.layout]))
+
+    def _route(self, bucket) -> tuple:
+        """The MPI buffer specifications of one bucket, fixed for the optimizer's life: the
+        reduce-scatter's send (each peer's piece, at its place in ``flat.grads``) and receive
+        (this rank's piece from each peer, one row per peer, into either slot), and the
+        all-gather's (every rank's piece at its place in ``flat.params``)."""
+        d = bucket.dtype_index
+        dtype, kind = self._dtypes[d], self._mpi_types[d]
+        lo, hi = bucket.pieces[self.rank]
+        send_counts = [0 if row is None else b - a
+                       for row, (a, b) in zip(self._row_of_rank, bucket.pieces)]
+        displs = [a for a, _ in bucket.pieces]
+        receive_counts = [0 if row is None else hi - lo for row in self._row_of_rank]
+        receive_displs = [0 if row is None else row * self._pieces[d]
+                          for row in self._row_of_rank]
+        send = [self.flat.grad_buffers[dtype], (send_counts, displs), kind]
+        receive = [[slot[d], (receive_counts, receive_displs), kind] for slot in self._slots]
+        gather = [self.flat.param_buffers[dtype], ([b - a for a, b in bucket.pieces], displs),
+                  kind]
+        return send, receive, gather
 
     def _construction_parts(self) -> dict:
         defaults = {key: "<callable>" if callable(value) else _plain(value)
@@ -299,20 +321,8 @@ class ShardedRMSprop:
         peer, straight from ``flat.grads`` (an all-to-all; no copy, no MPI reduction)."""
         if self.world_size == 1:
             return None
-        bucket = self._buckets[j]
-        d = bucket.dtype_index
-        lo, hi = bucket.pieces[self.rank]
-        send_counts = [0 if q == self.rank else b - a for q, (a, b) in enumerate(bucket.pieces)]
-        send_displs = [a for a, _ in bucket.pieces]
-        receive_counts, receive_displs = [0] * self.world_size, [0] * self.world_size
-        for row, q in enumerate(self._peers):
-            receive_counts[q] = hi - lo
-            receive_displs[q] = row * self._pieces[d]
-        slot = self._slots[j % 2][d]
-        kind = self._mpi_types[d]
-        return self.comm.Ialltoallv(
-            [self.flat.grad_buffers[self._dtypes[d]], (send_counts, send_displs), kind],
-            [slot, (receive_counts, receive_displs), kind])
+        send, receive_into_slot, _ = self._routes[j]
+        return self.comm.Ialltoallv(send, receive_into_slot[j % 2])
 
     def _sum(self, j: int, into=None):
         """Bucket j's reduced gradient piece: the ranks' pieces added in rank order."""
@@ -324,12 +334,13 @@ class ShardedRMSprop:
             return own
         rows = self._slots[j % 2][d][:, :hi - lo]
         if into is None:
+            # Row 0 holds the lowest peer rank: always one of the first two terms, so the
+            # first addition reads it before writing over it.
             out = rows[0]
         else:
             shard_lo = self.shard[d][0]
             out = into[d][lo - shard_lo:hi - shard_lo]
-        sources = [own if q == self.rank else rows[self._peers.index(q)]
-                   for q in range(self.world_size)]
+        sources = [own if row is None else rows[row] for row in self._row_of_rank]
         with np.errstate(over="ignore", invalid="ignore"):  # skip_nonfinite's business
             np.add(sources[0], sources[1], out=out)
             for source in sources[2:]:
@@ -357,13 +368,7 @@ class ShardedRMSprop:
         """Nonblocking: every rank's updated piece of bucket j into every rank's parameters."""
         if self.world_size == 1:
             return None
-        bucket = self._buckets[j]
-        d = bucket.dtype_index
-        counts = [b - a for a, b in bucket.pieces]
-        displs = [a for a, _ in bucket.pieces]
-        return self.comm.Iallgatherv(
-            self._MPI.IN_PLACE,
-            [self.flat.param_buffers[self._dtypes[d]], (counts, displs), self._mpi_types[d]])
+        return self.comm.Iallgatherv(self._MPI.IN_PLACE, self._routes[j][2])
 
     # -- state -------------------------------------------------------------------------------
 

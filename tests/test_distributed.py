@@ -122,6 +122,14 @@ def test_shard_form_survives_savez_without_pickle(tmp_path):
     assert loaded["state"][1]["square_avg"].shape == (0,)
 
 
+@needs_mpi
+def test_docstring_examples_in_a_world_of_one():
+    code = ("import doctest, fastrms.distributed as module\n"
+            "failures, tried = doctest.testmod(module)\n"
+            "assert tried and not failures, (failures, tried)\n")
+    run_python(code, env=clean_env(PYTHONPATH=str(ROOT)), timeout=120)
+
+
 # -- under mpiexec -----------------------------------------------------------------------------
 
 def launch(world: int, out_dir: Path) -> dict:
