@@ -78,7 +78,8 @@ def checked_shard_form(state_dict, *, layout, dtypes, bounds, shard: dict, curre
     if "shard" in state_dict:
         pieces = arrays
     else:
-        pieces = [_slice_of(arrays, layout, dtype, lo, hi) for dtype, (lo, hi) in zip(dtypes, bounds)]
+        pieces = [_slice_of(arrays, layout, dtype, lo, hi)
+                  for dtype, (lo, hi) in zip(dtypes, bounds)]
     loadable = {"state": {d: {"step": step, **piece} for d, piece in enumerate(pieces)},
                 "param_groups": [{**hyper, "params": list(range(len(dtypes)))}]}
     summary = {"step": step, "hyperparameters": hyper,

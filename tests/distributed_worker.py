@@ -101,7 +101,8 @@ def bits(array: np.ndarray) -> np.ndarray:
 
 def assert_same_array(a, b, where: str) -> None:
     assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), where
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    assert a.dtype == b.dtype and a.shape == b.shape, \
+        f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
     assert np.array_equal(bits(np.ascontiguousarray(a)), bits(np.ascontiguousarray(b))), \
         f"{where}: bits differ"
 
