@@ -318,14 +318,12 @@ def _check_report(report: dict) -> None:
         assert memory["sharded"]["state_bytes"] * 2 <= memory["unsharded"]["state_bytes"] + 4096
 
 
-def test_distributed_benchmark(request, tmp_path):
+def test_distributed_benchmark(benchmark, request, tmp_path):
     """A smoke run with --benchmark-disable; otherwise the full run and its targets."""
     if request.config.getoption("benchmark_disable", False):
         _check_report(_launch(tmp_path, 200_003, 3, timeout=120))
         return
     from targets import check_targets
-
-    benchmark = request.getfixturevalue("benchmark")
 
     def ratios():
         report = _launch(tmp_path, N, 30, timeout=600)
