@@ -74,6 +74,13 @@ def check_real(name: str, value, *, lower: float = 0.0, upper: float | None = No
     return value
 
 
+#: Hyperparameter types that cannot change value behind an identity: only calls made of these
+#: are served from the coefficient cache or remembered in :data:`last_call`.
+_IMMUTABLE = frozenset((float, int, bool, type(None), np.float16, np.float32, np.float64,
+                        np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                        np.uint64, np.bool_))
+
+
 def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                         centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
                         nesterov=False, decoupled_weight_decay=False,
@@ -84,14 +91,13 @@ def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momen
     it first, in the dtype. Raises ``TypeError`` / ``ValueError`` naming the offending
     hyperparameter.
     """
-    try:
-        return _cached(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                       eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
-    except TypeError as exc:  # unhashable argument: validate uncached to get the real message
-        if "unhashable" not in str(exc):
-            raise
-        return _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                        eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
+    arguments = (lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+                 lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
+    # Only values that cannot change behind the same object may be served from the cache: a
+    # mutable numbers.Real (or an unhashable argument) is read, and checked, afresh.
+    if _IMMUTABLE.issuperset(map(type, arguments)):
+        return _cached(dtype, *arguments)
+    return _compute(dtype, *arguments)
 
 
 def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
@@ -166,12 +172,6 @@ _SOURCES = ("alpha", "alpha", "eps", "lr", "lr", "weight_decay", "momentum", "lr
 
 # typed=True: 1, 1.0 and True hash alike, and a cached float lr must not let lr=True through.
 _cached = lru_cache(maxsize=512, typed=True)(_compute)
-
-#: Hyperparameter types that cannot change value behind an identity: only calls made of these
-#: are remembered in :data:`last_call`.
-_IMMUTABLE = frozenset((float, int, bool, type(None), np.float16, np.float32, np.float64,
-                        np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-                        np.uint64, np.bool_))
 
 #: ``(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
 #: lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale, coefficients)`` of the last

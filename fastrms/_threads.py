@@ -47,9 +47,9 @@ def get_num_threads() -> int:
     return min(c_backend.get_num_threads(), cores) if c_backend is not None else cores
 
 
-
-
-
 def apply_to(module) -> None:
     """Give a freshly loaded backend the thread count chosen before it was loaded."""
     module.set_num_threads(_num_threads)
+
+
+backends.on_load.append(apply_to)

@@ -45,6 +45,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     dtype = param.dtype if type(param) is _ndarray else None
     if dtype is not _FLOAT32 and dtype is not _FLOAT64:
         dtype = check_param(param)
+        if type(param) is not _ndarray:  # a subclass is updated as the plain memory it holds
+            param = param.view(_ndarray)
     last = _coefficients.last_call  # the same objects as the last call: its coefficients
     if (dtype is last[0] and lr is last[1] and alpha is last[2] and eps is last[3]
             and weight_decay is last[4] and momentum is last[5] and centered is last[6]

@@ -75,9 +75,21 @@ class FlatParams:
         for buffer in self.grad_buffers.values():
             buffer.fill(0)
 
+    def __reduce__(self):
+        # The views must be views of the buffers again after a copy: rebuild, then restore the
+        # gradients.
+        return _rebuild, ([p.copy() for p in self.params], [g.copy() for g in self.grads])
+
     def __len__(self) -> int:
         return len(self.params)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{dtype}: {buffer.size}" for dtype, buffer in self.param_buffers.items())
         return f"FlatParams({len(self.params)} arrays; elements per dtype {{{sizes}}})"
+
+
+def _rebuild(params: list, grads: list) -> FlatParams:
+    flat = FlatParams(params)
+    for view, grad in zip(flat.grads, grads):
+        view[...] = grad
+    return flat

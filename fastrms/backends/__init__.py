@@ -37,6 +37,9 @@ BACKEND_NAMES = tuple(_MODULES)
 
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
+#: Called with each backend module when it is first loaded (fastrms._threads registers the one
+#: that gives it the thread count chosen before it was loaded).
+on_load: list = []
 
 
 def check_name(name) -> str:
@@ -59,9 +62,8 @@ def load(name: str) -> ModuleType:
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors[name]}") from exc
     _loaded[name] = module
-    from .._threads import apply_to  # late: _threads imports this module
-
-    apply_to(module)
+    for hook in on_load:
+        hook(module)
     return module
 
 

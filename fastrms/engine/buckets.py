@@ -1,0 +1,264 @@
+"""Buckets: the parameters of one (parameter group, dtype) pair as the kernels see them, with their
+state buffers and step counts, stepped by one multi-tensor kernel call.
+
+A bucket holds NumPy arrays only (a front end gives it zero-copy views of its own objects), so the
+same bucket serves ``fastrms.RMSprop``'s arrays, ``fastrms.torch.RMSprop``'s tensors and the
+sharded optimizer's shards. Two layouts:
+
+- *list*: one array per parameter and per state buffer; a step is one ``update_many`` call (or
+  ``update_many_at_addresses`` when the backend takes gradient addresses).
+- *flat*: the parameters, their gradients and each state buffer are consecutive ranges of one flat
+  buffer each (:class:`fastrms.FlatParams`, or ``fastrms.torch.RMSprop(flatten=True)``); a step is
+  one ``update`` over the flat buffers.
+
+A bucket may step only some of its parameters (a torch parameter whose ``.grad`` is None):
+:meth:`Bucket.select` fixes which, and the lists handed to the kernel are built once per selection.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._validation import is_kernel_ready
+
+STATE_BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
+OPTIONAL_BUFFERS = ("momentum_buffer", "grad_avg")
+_STREAMS = ("param",) + STATE_BUFFERS
+
+
+class StepCounts:
+    """Per-parameter step counts in arrays that never move, so that a view of one count (torch's
+    ``state[p]["step"]``) stays live for the optimizer's lifetime, whatever is re-planned.
+
+    A parameter gets a slot once (:meth:`slot`); buckets increment their slots together.
+    """
+
+    __slots__ = ("dtype", "chunks", "_free", "_chunk_size")
+
+    def __init__(self, dtype, chunk_size: int = 1024):
+        self.dtype = np.dtype(dtype)
+        self.chunks: list[np.ndarray] = []
+        self._chunk_size = chunk_size
+        self._free = 0  # next free slot in the last chunk
+
+    def new_slot(self) -> tuple[int, int]:
+        """A fresh slot, at zero: ``(chunk index, position)``."""
+        if not self.chunks or self._free == self.chunks[-1].size:
+            self.chunks.append(np.zeros(self._chunk_size, self.dtype))
+            self._free = 0
+        slot = (len(self.chunks) - 1, self._free)
+        self._free += 1
+        return slot
+
+    def view(self, slot: tuple[int, int]) -> np.ndarray:
+        """The 0-d array view of one count (writing it sets the count)."""
+        chunk, position = slot
+        return self.chunks[chunk][position:position + 1].reshape(())
+
+    def get(self, slot):
+        chunk, position = slot
+        return self.chunks[chunk][position].item()
+
+    def set(self, slot, value) -> None:
+        chunk, position = slot
+        self.chunks[chunk][position] = value
+
+    def groups(self, slots) -> list[tuple[np.ndarray, object]]:
+        """``slots`` as ``(chunk, positions)`` pairs, for :meth:`Bucket.advance`: a slice where
+        the positions are consecutive (the usual case, and a cheaper ``+=``), else an index
+        array."""
+        by_chunk: dict[int, list[int]] = {}
+        for chunk, position in slots:
+            by_chunk.setdefault(chunk, []).append(position)
+        out = []
+        for c, positions in by_chunk.items():
+            lo = positions[0]
+            if positions == list(range(lo, lo + len(positions))):
+                out.append((self.chunks[c], slice(lo, lo + len(positions))))
+            else:
+                out.append((self.chunks[c], np.array(positions, dtype=np.intp)))
+        return out
+
+
+class Bucket:
+    """The parameters of one (group, dtype) pair, their state and their step counts.
+
+    ``params``: the arrays the kernel updates, one per parameter (C-contiguous views as a rule;
+    the list layout also takes strided ones, updated through copies). ``state[name]``: a list of
+    per-parameter arrays, or None while that buffer is off. ``flat``: the flat buffers of the
+    flat layout (``"param"``, ``"grad"`` and each state buffer), all None in the list layout.
+    ``slots``: each parameter's slot in ``counts`` (a :class:`StepCounts`).
+    """
+
+    __slots__ = ("group", "dtype", "params", "count", "offsets", "size", "state", "flat",
+                 "unready", "caches", "counts", "slots", "_step_groups", "chosen", "_lists")
+
+    def __init__(self, group: int, dtype, params: list, counts: StepCounts, slots: list,
+                 flat_param=None, flat_grad=None):
+        self.group = group
+        self.dtype = np.dtype(dtype)
+        self.params = list(params)
+        self.count = len(self.params)
+        offsets = [0]
+        for p in self.params:
+            offsets.append(offsets[-1] + p.size)
+        self.offsets = offsets
+        self.size = offsets[-1]
+        self.state: dict[str, list | None] = dict.fromkeys(STATE_BUFFERS)
+        self.flat: dict[str, np.ndarray | None] = dict.fromkeys(_STREAMS + ("grad",))
+        self.flat["param"], self.flat["grad"] = flat_param, flat_grad
+        #: Positions of parameters the kernels cannot take as they are (strided or misaligned).
+        self.unready = [k for k, p in enumerate(self.params) if not is_kernel_ready(p)]
+        #: update_many function -> the dict it may keep conversions of our lists in.
+        self.caches: dict = {}
+        self.counts = counts
+        self.slots = list(slots)
+        self._step_groups = counts.groups(self.slots)
+        #: Positions of the parameters that step (None: all of them); see select().
+        self.chosen: list[int] | None = None
+        self._lists = None
+
+    @property
+    def is_flat(self) -> bool:
+        return self.flat["param"] is not None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def allocate(self, name: str, fill) -> None:
+        """A new state buffer at ``fill``: one flat buffer, with a view per parameter."""
+        buffer = np.full(self.size, fill, self.dtype)
+        self.set_state(name, [buffer[lo:hi].reshape(p.shape) for lo, hi, p in
+                              zip(self.offsets, self.offsets[1:], self.params)], buffer)
+
+    def set_state(self, name: str, arrays: list | None, flat=None) -> None:
+        """Install (or, with None, drop) a state buffer: per-parameter arrays and, in the flat
+        layout, the flat buffer they are views of."""
+        self.state[name] = arrays
+        self.flat[name] = flat
+        self._forget_lists()
+
+    def set_state_array(self, name: str, k: int, array: np.ndarray) -> None:
+        """Replace parameter ``k``'s array of one state buffer (list layout)."""
+        self.state[name][k] = array
+        self._forget_lists()
+
+    def set_param_array(self, k: int, array: np.ndarray) -> None:
+        self.params[k] = array
+        self.unready = [j for j, p in enumerate(self.params) if not is_kernel_ready(p)]
+        self._forget_lists()
+
+    def _forget_lists(self) -> None:
+        self.caches.clear()
+        self._lists = None
+
+    def written(self) -> list[np.ndarray]:
+        """Every array a step of this bucket writes."""
+        out = [p for p in self.params if p.size]
+        for arrays in self.state.values():
+            if arrays is not None:  # entries are None for parameters that have no state yet
+                out.extend(a for a in arrays if a is not None and a.size)
+        return out
+
+    def step_count(self, k: int = 0):
+        return self.counts.get(self.slots[k])
+
+    # -- which parameters step -----------------------------------------------------------------
+
+    def select(self, chosen: list[int] | None) -> None:
+        """Step only the parameters at positions ``chosen`` (None: all of them)."""
+        if chosen is not None and len(chosen) == self.count:
+            chosen = None
+        if chosen != self.chosen:
+            self.chosen = chosen
+            self._forget_lists()
+
+    def _kernel_lists(self) -> dict:
+        """The lists the kernel call takes for the current selection (new list objects whenever
+        they change: a backend may cache conversions by list identity)."""
+        lists = self._lists
+        if lists is None:
+            chosen = self.chosen
+            if self.is_flat:
+                runs = self._runs()
+                lists = {name: (None if flat is None else [flat[lo:hi] for lo, hi in runs])
+                         for name, flat in self.flat.items()}
+            else:
+                def pick(items):
+                    if items is None:
+                        return None
+                    return list(items) if chosen is None else [items[k] for k in chosen]
+                lists = {"param": pick(self.params)}
+                lists.update((name, pick(arrays)) for name, arrays in self.state.items())
+            if chosen is None:
+                lists["steps"] = self._step_groups
+            else:
+                lists["steps"] = self.counts.groups([self.slots[k] for k in chosen])
+            self._lists = lists
+        return lists
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """Consecutive chosen parameters as ranges of the flat buffers."""
+        chosen = range(self.count) if self.chosen is None else self.chosen
+        runs: list[list[int]] = []
+        for k in chosen:
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            if runs and runs[-1][1] == lo:
+                runs[-1][1] = hi
+            else:
+                runs.append([lo, hi])
+        return [(lo, hi) for lo, hi in runs]
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def chosen_grads(self, grads: list) -> list:
+        return grads if self.chosen is None else [grads[k] for k in self.chosen]
+
+    def run(self, coeffs, module, grads=None, addresses=None) -> None:
+        """One kernel call for the chosen parameters. List layout: ``grads`` are arrays of the
+        chosen parameters (checked by the front end), or ``addresses`` their data addresses (an
+        ``np.uintp`` array) for a backend with ``update_many_at_addresses``. The flat layout
+        reads the flat gradient buffer."""
+        momentum = coeffs.uses_momentum
+        centered = coeffs.centered
+        flat = self.flat
+        if flat["param"] is not None and self.chosen is None:
+            arrays = (flat["param"], flat["grad"], flat["square_avg"],
+                      flat["momentum_buffer"] if momentum else None,
+                      flat["grad_avg"] if centered else None)
+            if not module.update_if_ready(coeffs, *arrays):
+                module.update(coeffs, *arrays)
+            return
+        lists = self._kernel_lists()
+        if flat["param"] is not None:
+            grads, addresses = lists["grad"], None
+        optional = (lists["momentum_buffer"] if momentum else None,
+                    lists["grad_avg"] if centered else None)
+        params = lists["param"]
+        unready = self.unready if self.chosen is None else ()
+        if unready:
+            params = list(params)
+            for k in unready:
+                params[k] = np.array(params[k], order="C", copy=True)
+        update_many = getattr(module, "update_many_at_addresses", None) \
+            if addresses is not None else None
+        if update_many is None:
+            update_many, taken = module.update_many, grads
+        else:
+            taken = addresses
+        arguments = (coeffs, params, taken, lists["square_avg"], *optional)
+        if unready:  # params holds fresh copies: nothing worth keeping
+            update_many(*arguments)
+            for k in unready:
+                self.params[k][...] = params[k]
+        else:
+            # Our lists are the same objects every step (they change only through this class),
+            # so a backend may convert them once and reuse the result.
+            cache = self.caches.get(update_many)
+            if cache is None:
+                cache = self.caches[update_many] = {}
+            update_many(*arguments, cache=cache)
+
+    def advance(self) -> None:
+        """Count one step for each chosen parameter."""
+        groups = self._step_groups if self.chosen is None else self._kernel_lists()["steps"]
+        for chunk, positions in groups:
+            chunk[positions] += 1

@@ -1,0 +1,120 @@
+"""The step itself: coefficients and a backend for every bucket, the finiteness verdict, buffers
+switched on since the last step, one kernel call per bucket, and the step counts. All or nothing:
+every bucket of every group is planned and checked before the first bucket is written.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from .. import _dispatch
+from .buckets import Bucket
+from .checks import WrittenRegions
+from .hyperparameters import group_coefficients
+
+
+def resolve_module(backend, size: int, dtype, flags: int):
+    """The backend module for one bucket, as :func:`fastrms.rmsprop_update` picks it: the cached
+    automatic choice unless an argument or ``use_backend`` says otherwise."""
+    module = None
+    if backend is None and _dispatch.context_choice() is None:
+        module = _dispatch.auto_module
+    return module if module is not None else _dispatch.resolve(backend, size, dtype, flags)
+
+
+class Engine:
+    """Steps a fixed set of :class:`~fastrms.engine.buckets.Bucket` objects.
+
+    ``group_count``: the number of parameter groups (buckets say which they belong to).
+    ``backend``: a backend name or None for automatic choice. ``always_momentum``: run the
+    momentum line at momentum 0 too (TF1). ``describe(array)`` names an array a step writes
+    (for overlap errors). ``allocate(bucket, name)`` creates a state buffer switched on since the
+    buckets were made (default: a flat zero buffer with per-parameter views).
+    """
+
+    def __init__(self, buckets: list[Bucket], group_count: int, *, backend=None,
+                 always_momentum: bool = False, describe: Callable | None = None,
+                 allocate: Callable | None = None):
+        self.buckets = buckets
+        self.group_buckets: list[list[Bucket]] = [[] for _ in range(group_count)]
+        for bucket in buckets:
+            self.group_buckets[bucket.group].append(bucket)
+        self.backend = backend
+        self.always_momentum = always_momentum
+        self._describe = describe or (lambda array: "memory the optimizer writes")
+        self._allocate = allocate or (lambda bucket, name: bucket.allocate(name, 0.0))
+        self.regions = WrittenRegions([], self._describe)
+        self.refresh_regions()
+
+    def refresh_regions(self) -> WrittenRegions:
+        """Rebuild the written regions (after a state buffer was allocated or replaced)."""
+        written = []
+        for bucket in self.buckets:
+            written.extend(bucket.written())
+        self.regions = WrittenRegions(written, self._describe)
+        return self.regions
+
+    def group_step(self, g: int) -> int:
+        """The number of steps group ``g`` has taken (0 for a group with no parameters)."""
+        buckets = self.group_buckets[g]
+        return int(buckets[0].step_count()) if buckets else 0
+
+    def plan(self, groups: list[Mapping], grad_scale=None, lrs=None) -> list[tuple]:
+        """``(bucket, coefficients, backend module)`` for every bucket, in bucket order. Checks
+        every hyperparameter and writes nothing. ``lrs[g]``, when given, is group g's learning
+        rate for this step (a front end that reads tensors or schedules its own way); otherwise
+        ``group["lr"]``, called with the 1-based step number when it is callable."""
+        plan = []
+        for g, buckets in enumerate(self.group_buckets):
+            if not buckets:
+                continue
+            group = groups[g]
+            if lrs is not None:
+                lr = lrs[g]
+            else:
+                lr = group["lr"]
+                if callable(lr):
+                    lr = lr(self.group_step(g) + 1)
+            where = f"param_groups[{g}]"
+            for bucket in buckets:
+                coeffs = group_coefficients(group, bucket.dtype, lr, where, grad_scale,
+                                            self.always_momentum)
+                plan.append((bucket, coeffs,
+                             resolve_module(self.backend, bucket.size, bucket.dtype,
+                                            coeffs.flags)))
+        return plan
+
+    def all_finite(self, jobs) -> bool:
+        """Whether every chosen gradient of every job, unscaled, is finite (one read each)."""
+        for bucket, coeffs, module, grads, _ in jobs:
+            if bucket.is_flat:
+                grads = ([bucket.flat["grad"]] if bucket.chosen is None else
+                         bucket._kernel_lists()["grad"])
+            if not module.all_finite(coeffs, grads):
+                return False
+        return True
+
+    def switch_on(self, plan) -> None:
+        """Buffers switched on since they were made (momentum or centered) start at zero."""
+        changed = False
+        for bucket, coeffs, *_ in plan:
+            if coeffs.uses_momentum and bucket.state["momentum_buffer"] is None:
+                self._allocate(bucket, "momentum_buffer")
+                changed = True
+            if coeffs.centered and bucket.state["grad_avg"] is None:
+                self._allocate(bucket, "grad_avg")
+                changed = True
+        if changed:
+            self.refresh_regions()
+
+    def run(self, jobs, skip_nonfinite: bool = False) -> bool:
+        """Run checked jobs, ``(bucket, coefficients, module, grads, addresses)`` each: False,
+        with nothing written, when ``skip_nonfinite`` and a gradient is not finite; else update
+        every bucket, count the step, and return True."""
+        if skip_nonfinite and not self.all_finite(jobs):
+            return False
+        self.switch_on(jobs)
+        for bucket, coeffs, module, grads, addresses in jobs:
+            bucket.run(coeffs, module, grads, addresses)
+        for job in jobs:
+            job[0].advance()
+        return True
