@@ -4,13 +4,14 @@ before anything is written, and their ``np.savez`` layout. Pure Python, no MPI.
 - The *full* form is exactly what ``fastrms.RMSprop(flat).state_dict()`` gives for the same
   :class:`fastrms.FlatParams`: one entry per array, shaped like it. Any number of ranks loads
   it (each keeps its slice): this is how a run moves from N to M ranks.
-- The *shard* form is what one rank saves: its private optimizer's state dict (one entry per
-  dtype, the shard's elements), plus ``"shard"``, which says which world size, rank and shard
-  bounds it belongs to. Only that rank of a run cut the same way loads it.
+- The *shard* form is what one rank saves: the state dict of its shard in the same layout (one
+  entry per dtype, the shard's elements), plus ``"shard"``, which says which world size, rank
+  and shard bounds it belongs to. Only that rank of a run cut the same way loads it.
 
-Both are checked by the same function and turned into the shard form that the rank's private
-``fastrms.RMSprop`` loads; the checks reuse that optimizer's own (its hyperparameter and step
-checks), so a state dict means the same thing to both optimizers.
+Both are checked by the same function and turned into the shard form, which
+:func:`fastrms.checkpoint.load_state_dict` then loads into the rank's engine buckets; the
+checks are :mod:`fastrms.checkpoint`'s and the engine's own (hyperparameters, steps, keys), so a
+state dict means the same thing to both optimizers.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from numbers import Integral
 
 import numpy as np
 
-from .optimizer import (_BUFFERS, _OPTIONAL_STATE, _STATE_KEYS, HYPERPARAMETERS, _as_builtin,
-                        _check_hyperparameters, _check_step, _exact_keys,
-                        state_dict_from_arrays as _plain_from_arrays,
-                        state_dict_to_arrays as _plain_to_arrays)
+from .checkpoint import (_STATE_KEYS, _as_builtin, _check_step, _exact_keys,
+                         state_dict_from_arrays as _plain_from_arrays,
+                         state_dict_to_arrays as _plain_to_arrays)
+from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
 
 SHARD_KEYS = ("world_size", "rank", "dtypes", "sizes", "bounds")
 
@@ -46,7 +47,7 @@ def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict])
     for i, (dtype, offset, size, shape) in enumerate(layout):
         whole = buffers[dtypes.index(dtype)]
         entry = {"step": step}
-        for name in _BUFFERS:
+        for name in STATE_BUFFERS:
             if name in whole:
                 entry[name] = whole[name][offset:offset + size].reshape(shape)
         state[i] = entry
@@ -57,7 +58,7 @@ def checked_shard_form(state_dict, *, layout, dtypes, bounds, shard: dict, curre
                        always_momentum: bool) -> tuple[dict, dict]:
     """Check ``state_dict`` (either form) against this rank and return ``(loadable, summary)``.
 
-    ``loadable`` is the shard form the rank's private optimizer loads (new arrays, or the given
+    ``loadable`` is the shard form :func:`fastrms.checkpoint.load_state_dict` loads (new arrays, or the given
     ones where they are already the shard's); ``summary`` holds what every rank must agree on
     (step, hyperparameters, which buffers). Raises ``TypeError`` / ``ValueError`` naming the
     offending entry; nothing is written here.
@@ -153,7 +154,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
     checked = dict(hyper)
     if checked["lr"] is None:
         checked["lr"] = current_lr
-    _check_hyperparameters(checked, where)
+    check_hyperparameters(checked, where)
     hyper = {key: None if key == "lr" and value is None else _as_builtin(value, f"{where}[{key!r}]")
              for key, value in hyper.items()}
     required = {"momentum_buffer": checked["momentum"] != 0 or always_momentum,
@@ -189,7 +190,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
         elif this_step != step:
             raise ValueError(f"{where} has step {this_step} but state_dict['state'][{first}] "
                              f"has step {step}; the optimizer steps all parameters together")
-        for name in _OPTIONAL_STATE:
+        for name in OPTIONAL_BUFFERS:
             has = name in entry
             if required[name] and not has:
                 raise ValueError(f"{where} is missing {name!r}, which the saved "
@@ -198,7 +199,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
                 raise ValueError(f"{where}: {name!r} is present for some parameters of its "
                                  f"dtype but not others")
         found = {}
-        for name in _BUFFERS:
+        for name in STATE_BUFFERS:
             if name in entry:
                 found[name] = _checked_array(entry[name], dtype, shape, f"{where}[{name!r}]")
         arrays.append(found)
@@ -219,7 +220,7 @@ def _checked_array(array, dtype, shape, where: str):
 def _slice_of(arrays, layout, dtype, lo: int, hi: int) -> dict:
     """Elements [lo, hi) of the dtype's flat state, cut out of the full form's per-array entries."""
     members = [i for i, entry in enumerate(layout) if entry[0] == dtype]  # never empty
-    names = [name for name in _BUFFERS if name in arrays[members[0]]]
+    names = [name for name in STATE_BUFFERS if name in arrays[members[0]]]
     out = {name: np.empty(hi - lo, dtype) for name in names}
     for i in members:
         _, offset, size, _ = layout[i]

@@ -4,29 +4,36 @@ Data parallelism over mpi4py: every rank holds the full parameters in a :class:`
 and fills its whole gradient buffer; each rank owns one contiguous shard of each dtype's buffer
 and keeps optimizer state for that shard only. A step reduce-scatters the gradients, updates the
 own shard with the fused kernel and all-gathers the updated shards, bucket by bucket with
-nonblocking collectives so that one bucket travels while another is updated. The layout of
-shards and buckets is :mod:`fastrms._shards`; the checkpoint forms are :mod:`fastrms._shard_state`;
-hyperparameters, schedules, step counts and state buffers are those of a private
-``fastrms.RMSprop`` over the rank's shard views, so both optimizers mean the same by every option.
+nonblocking collectives so that one bucket travels while another is updated.
+
+A front end of the engine (:mod:`fastrms.engine`), as ``fastrms.RMSprop`` is: the rank's shard of
+each dtype is one engine bucket (flat layout) holding that shard's state and step count; the
+engine checks the hyperparameters and makes the coefficients (:meth:`Engine.plan`), switches on
+buffers, and runs the kernel on each piece as its reduced gradient arrives
+(:meth:`Bucket.run_range`). The layout of shards and pieces is :mod:`fastrms._shards`, the
+checkpoint forms :mod:`fastrms._shard_state` (over :mod:`fastrms.checkpoint`), the collective
+agreement check :mod:`fastrms._agreement`.
 
 mpi4py is imported when an optimizer is built, never by ``import fastrms``.
 """
 from __future__ import annotations
 
-import hashlib
 from numbers import Integral
 
 import numpy as np
 
-from ._coefficients import CENTERED, MOMENTUM, check_real
+from . import _dispatch, checkpoint, presets
+from ._agreement import RankError, agree, digest, mpi
+from ._coefficients import check_real
 from ._shard_state import (checked_shard_form, full_state_dict, hyperparameter_entry,
                            shard_description, state_dict_from_arrays, state_dict_to_arrays)
 from ._shards import buckets, piece_elements, shard_bounds
+from .engine import (HYPERPARAMETERS, STATE_BUFFERS, Bucket, Engine, StepCounts,
+                     check_hyperparameters)
 from .flat import FlatParams
-from .optimizer import RMSprop
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "RankError", "ShardedRMSprop", "state_dict_from_arrays",
-           "state_dict_to_arrays"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "OPTIONS", "RankError", "ShardedRMSprop",
+           "state_dict_from_arrays", "state_dict_to_arrays"]
 
 #: Bytes of one bucket over all ranks' pieces (what a rank sends and receives per collective).
 #: Measured with 2 ranks x 10^7 float32 on a shared 2-core machine: 2 MiB to 128 MiB are within
@@ -34,19 +41,8 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "RankError", "ShardedRMSprop", "state_dict_fr
 #: about 5x slower). Smaller buckets overlap more where the network moves the data.
 DEFAULT_BUCKET_BYTES = 2 << 20
 
-
-class RankError(RuntimeError):
-    """Raised on every other rank when a collective call failed on one rank: the message names
-    the rank and its error (that rank raises its own exception). No rank changed anything."""
-
-
-def _mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:
-        raise ImportError("fastrms.distributed needs mpi4py and an MPI library: "
-                          "pip install 'fastrms[mpi]' (mpi4py and MPICH)") from exc
-    return MPI
+#: The keyword options besides ``comm``, ``average`` and ``bucket_bytes``: ``fastrms.RMSprop``'s.
+OPTIONS = HYPERPARAMETERS + ("preset", "backend", "skip_nonfinite")
 
 
 class ShardedRMSprop:
@@ -98,7 +94,7 @@ class ShardedRMSprop:
 
     def __init__(self, flat, comm=None, *, average=True, bucket_bytes=DEFAULT_BUCKET_BYTES,
                  **options):
-        MPI = _mpi()
+        MPI = mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
@@ -115,7 +111,7 @@ class ShardedRMSprop:
             parts = self._construction_parts()
         except Exception as exc:  # every rank must reach the exchange below, or the others hang
             error = exc
-        _agree(comm, error, parts, "ShardedRMSprop()")
+        agree(comm, error, parts, "ShardedRMSprop()")
 
     # -- construction (local) ----------------------------------------------------------------
 
@@ -139,8 +135,8 @@ class ShardedRMSprop:
         self.bounds = tuple(shard_bounds(n, world) for n in self._sizes)
         #: Per dtype: this rank's shard.
         self.shard = tuple(b[rank] for b in self.bounds)
-        views = [flat.param_buffers[d][lo:hi] for d, (lo, hi) in zip(self._dtypes, self.shard)]
-        self._inner = RMSprop(views, **options)
+        group, backend = self._options(options)
+        self._engine = self._shard_engine(group, backend)
         self._buckets = []
         self._pieces = []  # per dtype: elements of one rank's piece of a bucket
         for d, dtype in enumerate(self._dtypes):
@@ -158,9 +154,61 @@ class ShardedRMSprop:
         # skip_nonfinite must see every reduced gradient before any update: they are kept whole.
         self._reduced = ([np.empty(hi - lo, dtype) for dtype, (lo, hi) in
                           zip(self._dtypes, self.shard)]
-                         if self._inner.skip_nonfinite and world > 1 else None)
+                         if self.skip_nonfinite and world > 1 else None)
         self._routes = [self._route(bucket) for bucket in self._buckets] if world > 1 else []
-        self._layout_digest = _digest(repr([(str(d), o, n, s) for d, o, n, s in flat.layout]))
+        self._layout_digest = digest(repr([(str(d), o, n, s) for d, o, n, s in flat.layout]))
+
+    def _options(self, options: dict) -> tuple[dict, str | None]:
+        """``fastrms.RMSprop``'s options, resolved as it resolves them (the preset's defaults,
+        then the explicit ones) and checked: the one parameter group (no ``params`` yet) and
+        the backend name."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"ShardedRMSprop got unexpected options {unknown}; it takes "
+                            f"comm, average, bucket_bytes and {', '.join(OPTIONS)}")
+        preset = presets.get(options.get("preset"))
+        defaults = preset.defaults()
+        defaults.update((key, options[key]) for key in HYPERPARAMETERS if key in options)
+        #: The defaults the group starts from (the preset's, then the explicit arguments).
+        self.defaults = defaults
+        #: The preset in force ("torch" when none was named).
+        self.preset = preset.name
+        self._always_momentum = preset.always_momentum_buffer
+        backend = options.get("backend")
+        if backend is not None:
+            _dispatch.load_requested(backend, "backend argument")  # fail now, not at step()
+        skip_nonfinite = options.get("skip_nonfinite", False)
+        if not isinstance(skip_nonfinite, (bool, np.bool_)):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
+        self._skip_nonfinite = bool(skip_nonfinite)
+        group = dict(defaults)
+        if "lr" not in group:
+            raise TypeError(f"param_groups[0]: lr is required with preset {preset.name!r} (the "
+                            f"framework has no default learning rate)")
+        check_hyperparameters(group, "param_groups[0]")
+        return group, backend
+
+    def _shard_engine(self, group: dict, backend) -> Engine:
+        """One engine bucket per dtype: this rank's shard of the flat parameter buffer, with its
+        state at the initial values; the group's ``params`` are the shard views. Also the
+        attributes :mod:`fastrms.checkpoint` reads (one parameter per dtype)."""
+        counts = StepCounts(np.int64, chunk_size=len(self._dtypes))
+        shard_buckets = []
+        for dtype, (lo, hi) in zip(self._dtypes, self.shard):
+            if not self.flat.param_buffers[dtype].flags.writeable:
+                raise ValueError(f"flat.param_buffers[{dtype}] is read-only; parameters are "
+                                 f"updated in place")
+            view = self.flat.param_buffers[dtype][lo:hi]
+            bucket = Bucket(0, dtype, [view], counts, [counts.new_slot()], view,
+                            self.flat.grad_buffers[dtype][lo:hi])
+            bucket.allocate_initial(group, self._always_momentum)
+            shard_buckets.append(bucket)
+        group["params"] = [bucket.params[0] for bucket in shard_buckets]
+        #: The one parameter group (as ``fastrms.RMSprop``'s; its ``params`` are shard views).
+        self.param_groups = [group]
+        self._group_indices = [list(range(len(shard_buckets)))]
+        self._bucket_indices = [[d] for d in range(len(shard_buckets))]
+        return Engine(shard_buckets, 1, backend=backend, always_momentum=self._always_momentum)
 
     def _route(self, bucket) -> tuple:
         """The MPI buffer specifications of one bucket, fixed for the optimizer's life: the
@@ -184,34 +232,21 @@ class ShardedRMSprop:
 
     def _construction_parts(self) -> dict:
         defaults = {key: "<callable>" if callable(value) else _plain(value)
-                    for key, value in self._inner.defaults.items()}
+                    for key, value in self.defaults.items()}
         return {
             "parameter layout": (f"{len(self.flat)} arrays, elements per dtype "
                                  f"{dict(zip(map(str, self._dtypes), self._sizes))}, layout "
                                  f"digest {self._layout_digest}"),
-            "options": repr({"preset": self._inner.preset, **defaults,
-                             "skip_nonfinite": self._inner.skip_nonfinite,
+            "options": repr({"preset": self.preset, **defaults,
+                             "skip_nonfinite": self.skip_nonfinite,
                              "average": self.average, "bucket_bytes": self.bucket_bytes}),
         }
 
-    # -- hyperparameters ---------------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """The one parameter group (as ``fastrms.RMSprop``'s; its ``params`` are shard views)."""
-        return self._inner.param_groups
-
-    @property
-    def defaults(self) -> dict:
-        return self._inner.defaults
-
-    @property
-    def preset(self) -> str:
-        return self._inner.preset
-
     @property
     def skip_nonfinite(self) -> bool:
-        return self._inner.skip_nonfinite
+        """Skip (return False from, on every rank) a step whose summed gradients hold a NaN or an
+        infinity; fixed at construction (it decides how the step is laid out)."""
+        return self._skip_nonfinite
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -221,22 +256,25 @@ class ShardedRMSprop:
         error = parts = plan = None
         try:
             plan = self._plan(grad_scale)
-            parts = {"kernel coefficients": repr([(c.values, c.flags) for c, _ in plan[0]])}
+            parts = {"kernel coefficients": repr([(c.values, c.flags) for _, c, _ in plan])}
         except Exception as exc:
             error = exc
-        _agree(self.comm, error, parts, "step()")
-        if self._inner.skip_nonfinite:
+        agree(self.comm, error, parts, "step()")
+        engine = self._engine
+        if self.skip_nonfinite:
             if not self._reduce_and_check(plan):
                 return False
-            self._update_and_gather_reduced(plan, self._states(plan))
+            engine.switch_on(plan)
+            self._update_and_gather_reduced(plan)
         else:
-            self._exchange(plan, self._states(plan))
-        self._inner._steps[0] += 1
+            engine.switch_on(plan)
+            self._exchange(plan)
+        engine.advance(plan)
         return True
 
-    def _plan(self, grad_scale) -> tuple[list, list]:
-        """((coefficients, backend module) per dtype, the private optimizer's own plan) for
-        this step; validates everything and writes nothing."""
+    def _plan(self, grad_scale) -> list:
+        """The engine's plan for this step, ``(bucket, coefficients, backend module)`` per dtype
+        (FlatParams order); validates everything and writes nothing."""
         scale = 1.0
         if grad_scale is not None:
             scale = check_real("grad_scale", grad_scale)
@@ -244,23 +282,9 @@ class ShardedRMSprop:
                 raise ValueError("grad_scale must be > 0, got 0.0")
         if self.average:
             scale *= self.world_size
-        planned = self._inner._plan(None if scale == 1.0 else scale)
-        by_dtype = {bucket.dtype: (coeffs, module) for bucket, coeffs, module in planned}
-        return [by_dtype[d] for d in self._dtypes], planned
+        return self._engine.plan(self.param_groups, None if scale == 1.0 else scale)
 
-    def _states(self, plan) -> list:
-        """Per dtype, the shard's (square_avg, momentum_buffer, grad_avg) the step updates;
-        buffers switched on since the last step are allocated first (zeros), as in RMSprop."""
-        per_dtype, planned = plan
-        self._inner._allocate_for(planned)
-        states = []
-        for (coeffs, _), state in zip(per_dtype, self._inner.flat_state()):
-            states.append((state["square_avg"],
-                           state["momentum_buffer"] if coeffs.flags & MOMENTUM else None,
-                           state["grad_avg"] if coeffs.flags & CENTERED else None))
-        return states
-
-    def _exchange(self, plan=None, states=None) -> None:
+    def _exchange(self, plan=None) -> None:
         """The overlapped step: bucket j+1's reduce-scatter is in flight while bucket j is summed
         and updated, and bucket j's all-gather starts as soon as it is. ``plan=None`` moves the
         data without updating anything (the benchmark's "collectives alone")."""
@@ -268,7 +292,7 @@ class ShardedRMSprop:
 
         def update_and_send(j, grad):
             if plan is not None:
-                self._update(j, grad, plan[0], states)
+                self._update(j, grad, plan)
             gathers.append(self._post_gather(j))
 
         self._reduce_scatter(update_and_send)
@@ -278,17 +302,16 @@ class ShardedRMSprop:
         """skip_nonfinite, first half: reduce-scatter every bucket, keeping the sums and
         checking each as it arrives; True when every rank found only finite values."""
         finite = [True]
-        per_dtype = plan[0]
 
         def check(j, grad):
             if finite[0] and grad.size:
-                coeffs, module = per_dtype[self._buckets[j].dtype_index]
+                _, coeffs, module = plan[self._buckets[j].dtype_index]
                 finite[0] = module.all_finite(coeffs, (grad,))
 
         self._reduce_scatter(check, into=self._reduced)
         return self.comm.allreduce(bool(finite[0]), op=self._MPI.LAND)
 
-    def _update_and_gather_reduced(self, plan, states) -> None:
+    def _update_and_gather_reduced(self, plan) -> None:
         """skip_nonfinite, second half: update each bucket from the kept sums, all-gather it."""
         gathers = []
         for j, bucket in enumerate(self._buckets):
@@ -299,7 +322,7 @@ class ShardedRMSprop:
             else:
                 shard_lo = self.shard[d][0]
                 grad = self._reduced[d][lo - shard_lo:hi - shard_lo]
-            self._update(j, grad, plan[0], states)
+            self._update(j, grad, plan)
             gathers.append(self._post_gather(j))
         self._MPI.Request.Waitall([r for r in gathers if r is not None])
 
@@ -347,22 +370,15 @@ class ShardedRMSprop:
                 np.add(out, source, out=out)
         return out
 
-    def _update(self, j: int, grad, per_dtype, states) -> None:
-        """The fused update of this rank's piece of bucket j."""
-        bucket = self._buckets[j]
-        d = bucket.dtype_index
-        lo, hi = bucket.pieces[self.rank]
-        if lo == hi:
-            return
-        coeffs, module = per_dtype[d]
-        shard_lo = self.shard[d][0]
-        a, b = lo - shard_lo, hi - shard_lo
-        square_avg, momentum_buffer, grad_avg = states[d]
-        arrays = (self.flat.param_buffers[self._dtypes[d]][lo:hi], grad, square_avg[a:b],
-                  None if momentum_buffer is None else momentum_buffer[a:b],
-                  None if grad_avg is None else grad_avg[a:b])
-        if not module.update_if_ready(coeffs, *arrays):
-            module.update(coeffs, *arrays)
+    def _update(self, j: int, grad, plan) -> None:
+        """The fused update of this rank's piece of bucket j, from its reduced gradient."""
+        piece = self._buckets[j]
+        d = piece.dtype_index
+        lo, hi = piece.pieces[self.rank]
+        if lo < hi:
+            bucket, coeffs, module = plan[d]
+            shard_lo = self.shard[d][0]
+            bucket.run_range(coeffs, module, lo - shard_lo, hi - shard_lo, grad)
 
     def _post_gather(self, j: int):
         """Nonblocking: every rank's updated piece of bucket j into every rank's parameters."""
@@ -376,9 +392,10 @@ class ShardedRMSprop:
         """Per dtype (FlatParams order): ``dtype``, ``bounds`` (this rank's shard, in elements of
         that dtype's buffer) and the shard's ``square_avg``, ``momentum_buffer``, ``grad_avg``
         (None when absent): live buffers, element k belonging to element ``bounds[0] + k``."""
-        return [{"dtype": state["dtype"], "bounds": bounds,
-                 **{name: state[name] for name in ("square_avg", "momentum_buffer", "grad_avg")}}
-                for state, bounds in zip(self._inner.flat_state(), self.shard)]
+        return [{"dtype": bucket.dtype, "bounds": bounds,
+                 **{name: None if bucket.flat[name] is None else bucket.flat[name][...]
+                    for name in STATE_BUFFERS}}
+                for bucket, bounds in zip(self._engine.buckets, self.shard)]
 
     def _shard_description(self) -> dict:
         return shard_description(self.world_size, self.rank, self._dtypes, self._sizes,
@@ -389,7 +406,7 @@ class ShardedRMSprop:
         entry per dtype holding the shard's elements, plus ``"shard"`` (world size, rank,
         bounds), which :meth:`load_state_dict` checks. Save one per rank (pickle, or np.savez
         through :func:`state_dict_to_arrays`)."""
-        return {**self._inner.state_dict(), "shard": self._shard_description()}
+        return {**checkpoint.state_dict(self), "shard": self._shard_description()}
 
     def consolidated_state_dict(self, root: int = 0):
         """Gather the whole state on rank ``root`` (collective): the dict
@@ -402,15 +419,14 @@ class ShardedRMSprop:
             if not 0 <= root < self.world_size:
                 raise ValueError(f"root must be a rank in [0, {self.world_size}), got {root}")
             hyper = hyperparameter_entry(self.param_groups[0], "param_groups[0]")
-            shards = self._inner.flat_state()
-            names = [[n for n in ("square_avg", "momentum_buffer", "grad_avg")
-                      if s[n] is not None] for s in shards]
-            step = self._inner._steps[0]
+            shards = self.flat_state()
+            names = [[n for n in STATE_BUFFERS if s[n] is not None] for s in shards]
+            step = self._engine.group_step(0)
             parts = {"root": str(root), "step": str(step), "buffers": repr(names),
                      "hyperparameters": repr(hyper)}
         except Exception as exc:
             error = exc
-        _agree(self.comm, error, parts, "consolidated_state_dict()")
+        agree(self.comm, error, parts, "consolidated_state_dict()")
         whole = []
         for d, (dtype, bounds) in enumerate(zip(self._dtypes, self.bounds)):
             gathered = {}
@@ -438,18 +454,21 @@ class ShardedRMSprop:
             loadable, summary = checked_shard_form(
                 state_dict, layout=self.flat.layout, dtypes=self._dtypes, bounds=self.shard,
                 shard=self._shard_description(), current_lr=self.param_groups[0]["lr"],
-                always_momentum=self._inner._always_momentum)
+                always_momentum=self._always_momentum)
             parts = {name: repr(value) for name, value in summary.items()}
         except Exception as exc:
             error = exc
-        _agree(self.comm, error, parts, "load_state_dict()")
-        self._inner.load_state_dict(loadable)
+        agree(self.comm, error, parts, "load_state_dict()")
+        checkpoint.load_state_dict(self, loadable)
 
     def __repr__(self) -> str:
         shards = ", ".join(f"{d}: [{lo}, {hi}) of {n}"
                            for d, (lo, hi), n in zip(self._dtypes, self.shard, self._sizes))
+        hyper = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in HYPERPARAMETERS)
         return (f"ShardedRMSprop(rank {self.rank} of {self.world_size}, shards {{{shards}}}, "
-                f"{len(self._buckets)} buckets, average={self.average})\n{self._inner!r}")
+                f"{len(self._buckets)} buckets, average={self.average}, preset={self.preset!r}, "
+                f"backend={self._engine.backend!r}, skip_nonfinite={self.skip_nonfinite},\n"
+                f"  {hyper})")
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -460,39 +479,3 @@ def _plain(value):
     if isinstance(value, (Integral, float, np.floating)):
         return float(value)
     return repr(value)
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _agree(comm, error, parts, what: str) -> None:
-    """The collective check that ends every local preparation: every rank learns whether any
-    rank failed (each failing rank raises its own error, the others :class:`RankError`) and
-    whether the ranks' ``parts`` (name -> short text) agree (``ValueError`` on every rank
-    naming what differs). One all-reduce of three integers, whatever the world size; the
-    messages and texts travel only when something is wrong.
-    """
-    MPI = _mpi()
-    digest = 0 if error is not None else int(_digest(repr(sorted(parts.items()))), 16) >> 1
-    local = np.array([error is not None, digest, -digest], np.int64)
-    found = np.empty_like(local)
-    comm.Allreduce(local, found, op=MPI.MAX)
-    if not found[0] and found[1] == -found[2]:
-        return
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    everyone = comm.allgather((message, parts))
-    failed = [(q, text) for q, (text, _) in enumerate(everyone) if text is not None]
-    if failed:
-        if error is not None:
-            raise error
-        q, text = failed[0]
-        raise RankError(f"{what} failed on rank {q} ({text}); every rank raises and none "
-                        f"changed anything")
-    texts = [theirs for _, theirs in everyone]
-    for q in range(1, len(texts)):
-        for name in texts[0]:
-            if texts[q].get(name) != texts[0][name]:
-                raise ValueError(f"{what}: the ranks disagree on the {name}: rank 0 has "
-                                 f"{texts[0][name]}, rank {q} has {texts[q].get(name)}")
-    raise ValueError(f"{what}: the ranks disagree")  # pragma: no cover - digests differ only

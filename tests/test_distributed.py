@@ -1,4 +1,5 @@
-"""fastrms.distributed: the shard plan (here, no MPI) and ShardedRMSprop under ``mpiexec``.
+"""fastrms.distributed: the shard plan and the engine pieces it steps with (here, no MPI), and
+ShardedRMSprop under ``mpiexec``.
 
 The MPI checks live in tests/distributed_worker.py and run in two launches, ``mpiexec -n 2``
 and ``mpiexec -n 3`` (uneven shards, a world size that is not a power of two, empty shards,
@@ -21,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
+import fastrms
 from fastrms import _shards
 from fastrms._shards import BLOCK, buckets, piece_elements, shard_bounds
+from fastrms.engine import Bucket, Engine, StepCounts
 
 import distributed_worker
-from rms_helpers import clean_env, run_python
+from rms_helpers import (BACKENDS, DTYPES, assert_bits_equal, clean_env, require_backend,
+                         run_python)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(distributed_worker.__file__).resolve()
@@ -82,6 +86,76 @@ def test_pieces_are_whole_blocks_of_at_least_64_bytes(bucket_bytes, world, items
 def test_shard_plan_docstring_examples():
     failures, tried = doctest.testmod(_shards)
     assert tried and not failures
+
+
+# -- the engine pieces the sharded optimizer steps with -----------------------------------------
+
+def _shard_engine(values, grads, group, backend):
+    """An engine over one flat bucket, as ShardedRMSprop makes one per dtype."""
+    counts = StepCounts(np.int64)
+    param, grad = values.copy(), grads.copy()
+    bucket = Bucket(0, param.dtype, [param], counts, [counts.new_slot()], param, grad)
+    bucket.allocate_initial(group)
+    return bucket, Engine([bucket], 1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=20, deadline=None)
+@given(size=st.integers(0, 3000), cuts=st.lists(st.integers(0, 3000), max_size=4),
+       dtype=st.sampled_from(DTYPES), later=st.sampled_from(
+           [{}, {"momentum": 0.9}, {"centered": True}, {"momentum": 0.5, "centered": True}]),
+       seed=st.integers(0, 2 ** 16))
+def test_a_flat_bucket_stepped_range_by_range_equals_one_run(backend, size, cuts, dtype, later,
+                                                             seed):
+    """Bucket.run_range over consecutive ranges (each with its own gradient array), with
+    Engine.switch_on and Engine.advance, gives the bits and step counts of Engine.run over the
+    whole bucket; buffers switched on after the first step start at zero in both."""
+    require_backend(backend)
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(size).astype(dtype)
+    group = dict(fastrms.presets.get(None).defaults(), lr=1e-2, initial_square_avg=0.5)
+    bounds = [0, *sorted(min(c, size) for c in cuts), size]
+    grads = [rng.standard_normal(size).astype(dtype) for _ in range(2)]
+    whole, whole_engine = _shard_engine(values, grads[0], group, backend)
+    pieces, pieces_engine = _shard_engine(values, grads[0], group, backend)
+    for t, grad in enumerate(grads):
+        if t == 1:
+            group.update(later)
+        whole.flat["grad"][...] = grad
+        assert whole_engine.run([(*job, None, None) for job in whole_engine.plan([group])])
+        plan = pieces_engine.plan([group])
+        pieces_engine.switch_on(plan)
+        (bucket, coeffs, module), = plan
+        for lo, hi in zip(bounds, bounds[1:]):
+            if lo < hi:
+                bucket.run_range(coeffs, module, lo, hi, grad[lo:hi].copy())
+        pieces_engine.advance(plan)
+    for name in ("param", "square_avg", "momentum_buffer", "grad_avg"):
+        assert (whole.flat[name] is None) == (pieces.flat[name] is None), name
+        if whole.flat[name] is not None:
+            assert_bits_equal(pieces.flat[name], whole.flat[name], f"{backend} {name}")
+    assert pieces_engine.group_step(0) == whole_engine.group_step(0) == 2
+
+
+def test_initial_state_comes_from_the_group_and_must_fit_the_dtype():
+    group = dict(fastrms.presets.get(None).defaults(), lr=1e-2, initial_square_avg=2.0,
+                 centered=True)
+    counts = StepCounts(np.int64)
+    param = np.ones(5, np.float32)
+    bucket = Bucket(3, np.float32, [param], counts, [counts.new_slot()], param, param * 0)
+    bucket.allocate_initial(group)
+    assert np.array_equal(bucket.flat["square_avg"], np.full(5, 2.0, np.float32))
+    assert bucket.flat["momentum_buffer"] is None
+    assert np.array_equal(bucket.flat["grad_avg"], np.zeros(5, np.float32))
+    bucket.allocate_initial(dict(group, centered=False), always_momentum=True)  # TF1
+    assert np.array_equal(bucket.flat["momentum_buffer"], np.zeros(5, np.float32))
+    fresh = Bucket(3, np.float32, [param], counts, [counts.new_slot()], param, param * 0)
+    with pytest.raises(ValueError, match=r"param_groups\[3\]: initial_square_avg too large "
+                                         r"for float32"):
+        fresh.allocate_initial(dict(group, initial_square_avg=1e300))
+    assert all(fresh.flat[name] is None for name in ("square_avg", "grad_avg"))
+    with pytest.raises(ValueError, match="initial_square_avg too large for float32"):
+        fastrms.RMSprop([np.ones(3, np.float32)], initial_square_avg=1e300)
 
 
 def test_import_fastrms_does_not_import_mpi4py():
