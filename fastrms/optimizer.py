@@ -158,10 +158,6 @@ class RMSprop:
             for i in indices:
                 by_dtype.setdefault(self._params[i].dtype, []).append(i)
             for dtype, members in by_dtype.items():
-                with np.errstate(over="ignore"):
-                    initial = dtype.type(group["initial_square_avg"])
-                if not np.isfinite(initial):
-                    raise ValueError(f"param_groups[{g}]: initial_square_avg too large for {dtype}")
                 flat = self._flat
                 # Our own views of the parameters: code that reassigns an array's shape, strides
                 # or dtype in place cannot change what the kernel walks (the memory is fixed).
@@ -169,11 +165,7 @@ class RMSprop:
                                 [counts.new_slot() for _ in members],
                                 flat.param_buffers[dtype] if flat is not None else None,
                                 flat.grad_buffers[dtype] if flat is not None else None)
-                bucket.allocate("square_avg", initial)
-                if group["momentum"] != 0 or self._always_momentum:
-                    bucket.allocate("momentum_buffer", 0.0)
-                if group["centered"]:
-                    bucket.allocate("grad_avg", 0.0)
+                bucket.allocate_initial(group, self._always_momentum)
                 buckets.append(bucket)
                 self._bucket_indices.append(members)
         self._engine = Engine(buckets, len(self.param_groups), backend=self._backend,

@@ -129,6 +129,23 @@ class Bucket:
         self.set_state(name, [buffer[lo:hi].reshape(p.shape) for lo, hi, p in
                               zip(self.offsets, self.offsets[1:], self.params)], buffer)
 
+    def allocate_initial(self, group, always_momentum: bool = False) -> None:
+        """The state a new bucket starts with, from its parameter group (a mapping with the
+        :data:`~fastrms.engine.HYPERPARAMETERS`): ``square_avg`` at ``initial_square_avg``, and
+        zero ``momentum_buffer`` (when momentum is on, or always with ``always_momentum``) and
+        ``grad_avg`` (when centered). ``ValueError`` when the initial value overflows the dtype;
+        nothing is allocated then."""
+        with np.errstate(over="ignore"):
+            initial = self.dtype.type(group["initial_square_avg"])
+        if not np.isfinite(initial):
+            raise ValueError(f"param_groups[{self.group}]: initial_square_avg too large for "
+                             f"{self.dtype}")
+        self.allocate("square_avg", initial)
+        if group["momentum"] != 0 or always_momentum:
+            self.allocate("momentum_buffer", 0.0)
+        if group["centered"]:
+            self.allocate("grad_avg", 0.0)
+
     def set_state(self, name: str, arrays: list | None, flat=None) -> None:
         """Install (or, with None, drop) a state buffer: per-parameter arrays and, in the flat
         layout, the flat buffer they are views of."""
@@ -256,6 +273,19 @@ class Bucket:
             if cache is None:
                 cache = self.caches[update_many] = {}
             update_many(*arguments, cache=cache)
+
+    def run_range(self, coeffs, module, lo: int, hi: int, grad: np.ndarray) -> None:
+        """One kernel call for elements ``[lo, hi)`` of a flat bucket's buffers, reading ``grad``
+        (``hi - lo`` elements) in place of that range of the flat gradient buffer. For a front
+        end whose gradients arrive piece by piece: the sharded optimizer updates each piece of
+        its shard as that piece's reduced gradient arrives. Steps are counted apart
+        (:meth:`advance`), once per step however many ranges it ran."""
+        flat = self.flat
+        arrays = (flat["param"][lo:hi], grad, flat["square_avg"][lo:hi],
+                  flat["momentum_buffer"][lo:hi] if coeffs.uses_momentum else None,
+                  flat["grad_avg"][lo:hi] if coeffs.centered else None)
+        if not module.update_if_ready(coeffs, *arrays):
+            module.update(coeffs, *arrays)
 
     def advance(self) -> None:
         """Count one step for each chosen parameter."""

@@ -115,6 +115,12 @@ class Engine:
         self.switch_on(jobs)
         for bucket, coeffs, module, grads, addresses in jobs:
             bucket.run(coeffs, module, grads, addresses)
-        for job in jobs:
-            job[0].advance()
+        self.advance(jobs)
         return True
+
+    def advance(self, plan) -> None:
+        """Count one step for every bucket of ``plan`` (or of checked jobs): what :meth:`run`
+        does after its kernel calls, for a front end that runs the kernels its own way
+        (:meth:`Bucket.run_range <fastrms.engine.buckets.Bucket.run_range>`)."""
+        for job in plan:
+            job[0].advance()
