@@ -17,8 +17,8 @@ import torch
 from ..engine import STATE_BUFFERS, Bucket
 from ._checkpoint import check_state_entry
 from ._tensors import (KERNEL_DTYPES, PLAIN_TYPES, SPARSE, TensorLayouts, data_ptr, flat_array,
-                       get_dtype, get_grad, get_is_cpu, get_shape, is_contiguous, is_neg,
-                       layout_key, same)
+                       get_dtype, get_grad, get_is_cpu, is_contiguous, is_neg, layout_key, numel,
+                       same)
 
 NONES = itertools.repeat(None)
 is_not = operator.is_not
@@ -41,7 +41,6 @@ class TensorBucket:
         self.nbytes = np.array([p.numel() * p.element_size() for p in params], dtype=np.uintp)
         flat_param, flat_grad = self._place_params()
         self.layouts = TensorLayouts(params)
-        self.shapes = [p.shape for p in params]
         self.keys = [layout_key(p) for p in params]
         self.slots = [context.slot_of(p) for p in params]
         self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in params], context.counts,
@@ -152,14 +151,15 @@ class TensorBucket:
                     if on and self.tensors[name][k] is None:
                         self._attach(k, name, self._new_buffer(name, k))
 
-    def unchanged(self, state) -> bool:
+    def unchanged(self, state, dicts_unchanged: bool = False) -> bool:
         """The parameters lie where the views show (address, shape, strides), the state holds
         the tensors the views show (load_state_dict, or code that assigns into opt.state,
         replaces them) and those still hold the memory the views show (``.data =``,
-        ``set_``)."""
+        ``set_``). ``dicts_unchanged``: the plan saw that ``opt.state`` holds the very dicts
+        of the last step, so the per-parameter lookup (a Python-level tensor hash each) can go."""
         if not self.layouts.unchanged(self.params):
             return False
-        current = list(map(state.get, self.params))
+        current = self.dicts if dicts_unchanged else list(map(state.get, self.params))
         if not all(map(same, current, self.dicts)):
             # Reading opt.state[p] makes an empty dict (a defaultdict): that is no change.
             for now, known in zip(current, self.dicts):
@@ -202,11 +202,11 @@ class TensorBucket:
                 if here and self.dicts[k] is None:
                     self._initialize(state, k)
 
-    def select(self, state, coeffs):
+    def select(self, state, coeffs, dicts_unchanged: bool = False):
         """Phase one of a step: check the plan still holds, switch on buffers, initialise the
         state of parameters stepping for the first time and choose which parameters step.
         Returns the gradients of the chosen parameters, None when there are none, or STALE."""
-        if not self.unchanged(state):
+        if not self.unchanged(state, dicts_unchanged):
             return STALE
         if (coeffs.uses_momentum and not self.momentum_on) or \
                 (coeffs.centered and not self.centered_on):
@@ -243,15 +243,18 @@ class TensorBucket:
 
     def _grad_addresses(self, grads, chosen):
         """The gradients' data addresses when every one is a dense, C-contiguous CPU tensor of
-        the bucket's dtype and its parameter's shape (so it lies exactly as the parameter's
-        NumPy view does), else None for the checked path."""
+        the bucket's dtype and its parameter's element count (so it lies as the parameter's
+        NumPy view does: torch gives a gradient its parameter's shape when it is assigned, and
+        the count is the cheaper pass), else None for the checked path."""
         if not self.layouts.contiguous:
             return None
-        shapes = self.shapes if chosen is None else [self.shapes[k] for k in chosen]
+        sizes = self.layouts.sizes
+        if chosen is not None:
+            sizes = [sizes[k] for k in chosen]
         try:
             if not (list(map(get_dtype, grads)) == (self.torch_dtypes if chosen is None else
                                                     self.torch_dtypes[:len(grads)])
-                    and list(map(get_shape, grads)) == shapes
+                    and list(map(numel, grads)) == sizes
                     and all(map(get_is_cpu, grads)) and all(map(is_contiguous, grads))
                     and not any(map(is_neg, grads))):
                 return None

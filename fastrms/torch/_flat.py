@@ -64,8 +64,8 @@ class FlatTensorBucket(TensorBucket):
             self.flat_tensors["grad"].zero_()  # one memset for the whole bucket
         return set(map(id, installed))
 
-    def select(self, state, coeffs):
-        if not self.unchanged(state):
+    def select(self, state, coeffs, dicts_unchanged: bool = False):
+        if not self.unchanged(state, dicts_unchanged):
             return STALE
         if (coeffs.uses_momentum and not self.momentum_on) or \
                 (coeffs.centered and not self.centered_on):

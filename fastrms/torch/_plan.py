@@ -12,7 +12,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..engine import Engine, StepCounts
 from ._buckets import STALE, TensorBucket
 from ._flat import FlatTensorBucket
-from ._tensors import KERNEL_DTYPES, SPARSE, fallback_reason, sharing_memory
+from ._tensors import KERNEL_DTYPES, SPARSE, fallback_reason, same, sharing_memory
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -108,7 +108,8 @@ class Plan:
         self.buckets = [b for gp in self.groups for b in gp.buckets]
         self.engine = Engine([b.bucket for b in self.buckets], len(self.groups),
                              backend=opt._backend, describe=self._describe)
-        self._descriptions: dict[int, str] = {}
+        #: opt.state's values (the per-parameter dicts) after the last step, in order.
+        self._state_values: list = []
 
     # step-count slots, for the buckets
     def slot_of(self, p):
@@ -140,6 +141,11 @@ class Plan:
         the plan no longer fits. ``backend_lr(group, index, dtype)`` gives a bucket's
         coefficients and backend module."""
         selected = []
+        # opt.state holding exactly the dicts of the last step (two C-level passes, no tensor
+        # hashing) spares each bucket its per-parameter lookups.
+        values = list(self.state.values())
+        known = self._state_values
+        dicts_unchanged = len(values) == len(known) and all(map(same, values, known))
         for index, gp in enumerate(self.groups):
             group = gp.group
             if group["capturable"]:
@@ -148,7 +154,7 @@ class Plan:
                 return None  # the group moves between the kernel and torch
             for bucket in gp.buckets:
                 coeffs, module = backend_lr(group, index, bucket.dtype, bucket.bucket.size)
-                grads = bucket.select(self.state, coeffs)
+                grads = bucket.select(self.state, coeffs, dicts_unchanged)
                 if grads is STALE:
                     return None
                 if grads is not None:
@@ -167,6 +173,7 @@ class Plan:
                 job = torch_job(self.state, index, gp.group, gp.fallback)
                 if job is not None:
                     torch_jobs.append(job)
+        self._state_values = list(self.state.values())
         return kernel_jobs, torch_jobs
 
 
