@@ -76,7 +76,7 @@ def check_real(name: str, value, *, lower: float = 0.0, upper: float | None = No
 
 #: Hyperparameter types that cannot change value behind an identity: only calls made of these
 #: are served from the coefficient cache or remembered in :data:`last_call`.
-_IMMUTABLE = frozenset((float, int, bool, type(None), np.float16, np.float32, np.float64,
+IMMUTABLE = frozenset((float, int, bool, type(None), np.float16, np.float32, np.float64,
                         np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                         np.uint64, np.bool_))
 
@@ -95,7 +95,7 @@ def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momen
                  lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     # Only values that cannot change behind the same object may be served from the cache: a
     # mutable numbers.Real (or an unhashable argument) is read, and checked, afresh.
-    if _IMMUTABLE.issuperset(map(type, arguments)):
+    if IMMUTABLE.issuperset(map(type, arguments)):
         return _cached(dtype, *arguments)
     return _compute(dtype, *arguments)
 
@@ -189,6 +189,6 @@ def coefficients_for_call(dtype, lr, alpha, eps, weight_decay, momentum, centere
     arguments = (lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
                  lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     coeffs = kernel_coefficients(dtype, *arguments)
-    if all(type(a) in _IMMUTABLE for a in arguments):
+    if all(type(a) in IMMUTABLE for a in arguments):
         last_call = (coeffs.dtype, *arguments, coeffs)
     return coeffs

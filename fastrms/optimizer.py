@@ -171,10 +171,14 @@ class RMSprop:
         self._engine = Engine(buckets, len(self.param_groups), backend=self._backend,
                               always_momentum=self._always_momentum,
                               describe=self._describe_written)
-        # A C-level gather of each bucket's gradients from the list of all of them.
-        self._takes = [(lambda grads, only=members[0]: (grads[only],)) if len(members) == 1
+        # A C-level gather of each bucket's gradients (and their addresses) from the lists of
+        # all of them; None for a bucket that holds every parameter in order (the usual case).
+        everything = list(range(len(self._params)))
+        self._takes = [None if members == everything else
+                       (lambda grads, only=members[0]: (grads[only],)) if len(members) == 1
                        else operator.itemgetter(*members) for members in self._bucket_indices]
-        self._index_arrays = [np.array(m, dtype=np.intp) for m in self._bucket_indices]
+        self._index_arrays = [None if members == everything else np.array(members, dtype=np.intp)
+                              for members in self._bucket_indices]
         params = self._params
         self._grads = ArrayGradients([p.dtype for p in params], [p.shape for p in params],
                                      [p.itemsize for p in params], self._engine,
@@ -226,7 +230,8 @@ class RMSprop:
                 grads = list(grads)
             grads, addresses = self._grads.check(grads)
             plan = engine.plan(self.param_groups, grad_scale)
-            jobs = [(bucket, coeffs, module, take(grads), addresses[index])
+            jobs = [(bucket, coeffs, module, grads, addresses) if take is None else
+                    (bucket, coeffs, module, take(grads), addresses[index])
                     for (bucket, coeffs, module), take, index in
                     zip(plan, self._takes, self._index_arrays)]
         return engine.run(jobs, self.skip_nonfinite)

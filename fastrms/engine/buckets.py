@@ -63,9 +63,9 @@ class StepCounts:
         self.chunks[chunk][position] = value
 
     def groups(self, slots) -> list[tuple[np.ndarray, object]]:
-        """``slots`` as ``(chunk, positions)`` pairs, for :meth:`Bucket.advance`: a slice where
-        the positions are consecutive (the usual case, and a cheaper ``+=``), else an index
-        array."""
+        """``slots`` as ``(array, positions)`` pairs, for :meth:`Bucket.advance`: a view of the
+        consecutive positions and ``slice(None)`` where they are consecutive (the usual case, and
+        the cheapest ``+=``), else the chunk and an index array."""
         by_chunk: dict[int, list[int]] = {}
         for chunk, position in slots:
             by_chunk.setdefault(chunk, []).append(position)
@@ -73,7 +73,7 @@ class StepCounts:
         for c, positions in by_chunk.items():
             lo = positions[0]
             if positions == list(range(lo, lo + len(positions))):
-                out.append((self.chunks[c], slice(lo, lo + len(positions))))
+                out.append((self.chunks[c][lo:lo + len(positions)], slice(None)))
             else:
                 out.append((self.chunks[c], np.array(positions, dtype=np.intp)))
         return out

@@ -5,11 +5,16 @@ every bucket of every group is planned and checked before the first bucket is wr
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from operator import is_
 
 from .. import _dispatch
+from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
-from .hyperparameters import group_coefficients
+from .hyperparameters import HYPERPARAMETERS, group_coefficients
+
+#: The group keys that make coefficients (lr and grad_scale come per step).
+_GROUP_KEYS = tuple(k for k in HYPERPARAMETERS if k not in ("lr", "initial_square_avg"))
 
 
 def resolve_module(backend, size: int, dtype, flags: int):
@@ -44,6 +49,8 @@ class Engine:
         self._allocate = allocate or (lambda bucket, name: bucket.allocate(name, 0.0))
         self.regions = WrittenRegions([], self._describe)
         self.refresh_regions()
+        self._last_values: list = [None] * group_count
+        self._last_coefficients: list = [None] * group_count
 
     def refresh_regions(self) -> WrittenRegions:
         """Rebuild the written regions (after a state buffer was allocated or replaced)."""
@@ -74,13 +81,24 @@ class Engine:
                 lr = group["lr"]
                 if callable(lr):
                     lr = lr(self.group_step(g) + 1)
-            where = f"param_groups[{g}]"
-            for bucket in buckets:
-                coeffs = group_coefficients(group, bucket.dtype, lr, where, grad_scale,
-                                            self.always_momentum)
+            # The very objects of the last step's hyperparameters give its coefficients again
+            # (cheaper than the coefficient cache); only values that cannot change behind the
+            # same object are remembered.
+            values = (lr, grad_scale, *map(group.__getitem__, _GROUP_KEYS))
+            last = self._last_values[g]
+            if last is not None and all(map(is_, values, last)):
+                coefficients = self._last_coefficients[g]
+            else:
+                where = f"param_groups[{g}]"
+                coefficients = [group_coefficients(group, bucket.dtype, lr, where, grad_scale,
+                                                   self.always_momentum) for bucket in buckets]
+                if IMMUTABLE.issuperset(map(type, values)):
+                    self._last_values[g] = values
+                    self._last_coefficients[g] = coefficients
+            backend = self.backend
+            for bucket, coeffs in zip(buckets, coefficients):
                 plan.append((bucket, coeffs,
-                             resolve_module(self.backend, bucket.size, bucket.dtype,
-                                            coeffs.flags)))
+                             resolve_module(backend, bucket.size, bucket.dtype, coeffs.flags)))
         return plan
 
     def all_finite(self, jobs) -> bool:
