@@ -1,4 +1,5 @@
-"""Step factories for the peers: torch.optim.RMSprop, numexpr and optax under jax.jit.
+"""Step factories for the peers: torch.optim.RMSprop (eager and under torch.compile), numexpr
+and optax under jax.jit.
 
 Each takes ``(variant, state)`` as the registry's factories do and imports its library when
 called. The hyperparameters are the registry's (lr, alpha, eps, momentum).
@@ -39,6 +40,33 @@ def torch_forloop(variant: str, state: dict):
 
 def torch_foreach(variant: str, state: dict):
     return _torch(variant, state, foreach=True)
+
+
+def torch_compile(variant: str, state: dict):
+    """``torch.compile`` of ``torch.optim.RMSprop``'s step, as torch's tutorial writes it (a
+    function calling ``opt.step()``, compiled): inductor turns the update into one fused C++
+    loop on CPU, with torch's thread count baked in. Same tensors as :func:`_torch`.
+
+    The first call compiles (seconds) and is made here: the returned step carries its duration
+    as ``compile_seconds``, and no timed call includes it. ``torch.compiler.reset()`` comes
+    first: each new optimizer is a recompilation of the same code, and past dynamo's recompile
+    limit (8) torch would silently run the step uncompiled; steps made before this one would
+    recompile on their next call, so make and use them one at a time."""
+    import time
+
+    import torch
+
+    optimizer_step = _torch(variant, state, foreach=False)
+    torch.compiler.reset()
+
+    @torch.compile
+    def step():
+        optimizer_step()
+
+    start = time.perf_counter()
+    step()
+    step.compile_seconds = time.perf_counter() - start
+    return step
 
 
 _NUMEXPR = {

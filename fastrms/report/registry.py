@@ -232,6 +232,21 @@ def _optax_check() -> tuple[bool, str]:
 
 _TORCH_INSTALL = "pip install torch==2.13.0 (the CPU wheel; an unpinned torch pulls CUDA)"
 
+
+def _torch_compile_check() -> tuple[bool, str]:
+    """torch, and the C++ compiler inductor needs on CPU ($CXX, else c++ or g++ on PATH)."""
+    import os
+    import shutil
+
+    ok, reason = _module_check("torch", _TORCH_INSTALL)()
+    if not ok:
+        return ok, reason
+    candidates = [os.environ["CXX"].split()[0]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    compiler = next((found for name in candidates if (found := shutil.which(name))), None)
+    if compiler is None:
+        return False, f"torch.compile on CPU needs a C++ compiler; none of {candidates} found"
+    return True, f"{reason}, inductor with {compiler}"
+
 #: The registry, in the order the tables list it. The report's speedup columns are relative to
 #: ``numpy-formula`` and ``torch-foreach``; its roofline column to ``roofline``.
 IMPLEMENTATIONS = (
@@ -256,6 +271,9 @@ IMPLEMENTATIONS = (
                    _module_check("torch", _TORCH_INSTALL), _peer("torch_forloop")),
     Implementation("torch-foreach", "peer", "torch.optim.RMSprop(foreach=True)",
                    _module_check("torch", _TORCH_INSTALL), _peer("torch_foreach")),
+    Implementation("torch-compile", "peer",
+                   "torch.compile of torch.optim.RMSprop's step (compiled when made: the step's "
+                   "compile_seconds)", _torch_compile_check, _peer("torch_compile")),
     Implementation("numexpr", "peer", "numexpr.evaluate, one fused expression per output, out=",
                    _module_check("numexpr", "pip install numexpr"), _peer("numexpr_step")),
     Implementation("optax-jit", "peer", "optax.rmsprop under jax.jit with donated buffers",
