@@ -147,7 +147,9 @@ def check_targets(benchmark, request, ratios: Callable[[], list[Ratio]]) -> None
     if request.config.getoption("benchmark_disable", False):
         pytest.skip("needs timings: run with --benchmark-only")
     benchmark.group = "speed targets (ratios of interleaved timings)"
+    others = busy_cores_of_others()
     measured = benchmark.pedantic(ratios, rounds=1, iterations=1)
+    busy = others()
     if not measured:
         pytest.skip("the implementations the targets compare were not run")
     lines = []
@@ -160,7 +162,14 @@ def check_targets(benchmark, request, ratios: Callable[[], list[Ratio]]) -> None
     benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _, _ in measured}
     benchmark.extra_info["threads"] = thread_settings()
     benchmark.extra_info["cpu"] = cpu_model()
-    print(f"\n{cpu_model()}, threads {thread_settings()}\n" + "\n".join(lines))
+    benchmark.extra_info["others_busy_cores"] = None if busy is None else round(busy, 2)
+    header = f"{cpu_model()}, threads {thread_settings()}"
+    if busy is not None:
+        header += f", other processes kept {busy:.2f} of {os.cpu_count()} cores busy"
+        if busy > BUSY_WARNING:
+            header += (" (a parallel step then waits for a descheduled thread of its team: "
+                       "these ratios say more about the other processes than about the steps)")
+    print(f"\n{header}\n" + "\n".join(lines))
     missed = [line for line in lines if line.endswith("MISSED")]
     assert not missed, "speed targets missed:\n" + "\n".join(missed)
 
@@ -171,6 +180,36 @@ def target(what: str, stats: RatioStats, bound: float, at_most: bool = False) ->
 
 
 # -- the machine ---------------------------------------------------------------------------------
+
+#: Cores kept busy by other processes above which the printed ratios carry a warning.
+BUSY_WARNING = 0.25
+
+
+def busy_cores_of_others() -> Callable[[], float | None]:
+    """Start a meter; calling the result gives how many cores *other* processes kept busy on
+    average since (Linux /proc/stat minus this process's CPU time), or None where unreadable.
+    On a 2-core machine this is most of the noise: a thread team whose member was descheduled
+    waits a scheduler tick at its barrier, so a parallel step can take 10 ms whatever its size.
+    """
+    def read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        return time.perf_counter(), sum(fields) - fields[3] - fields[4], own.user + own.system
+
+    start = read()
+
+    def since() -> float | None:
+        end = read()
+        if start is None or end is None or end[0] <= start[0]:
+            return None
+        busy = (end[1] - start[1]) / os.sysconf("SC_CLK_TCK") - (end[2] - start[2])
+        return max(0.0, busy / (end[0] - start[0]))
+    return since
+
 
 def usable_cpus() -> int:
     try:

@@ -47,11 +47,12 @@ def torch_compile(variant: str, state: dict):
     function calling ``opt.step()``, compiled): inductor turns the update into one fused C++
     loop on CPU, with torch's thread count baked in. Same tensors as :func:`_torch`.
 
-    The first call compiles (seconds) and is made here: the returned step carries its duration
-    as ``compile_seconds``, and no timed call includes it. ``torch.compiler.reset()`` comes
-    first: each new optimizer is a recompilation of the same code, and past dynamo's recompile
-    limit (8) torch would silently run the step uncompiled; steps made before this one would
-    recompile on their next call, so make and use them one at a time."""
+    The first call compiles (seconds) and is made here, then undone (the arrays restored, the
+    step count back to 0): the returned step carries its duration as ``compile_seconds``, and no
+    timed call includes it. ``torch.compiler.reset()`` comes first: each new optimizer is a
+    recompilation of the same code, and past dynamo's recompile limit (8) torch would silently
+    run the step uncompiled; steps made before this one would recompile on their next call, so
+    make and use them one at a time."""
     import time
 
     import torch
@@ -63,9 +64,14 @@ def torch_compile(variant: str, state: dict):
     def step():
         optimizer_step()
 
+    written = {key: array.copy() for key, array in state.items() if key != "grad"}
     start = time.perf_counter()
     step()
     step.compile_seconds = time.perf_counter() - start
+    for key, array in written.items():
+        np.copyto(state[key], array)
+    for torch_state in optimizer_step.__self__.state.values():
+        torch_state["step"].zero_()
     return step
 
 
