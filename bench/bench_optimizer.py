@@ -2,10 +2,12 @@
 ``torch.optim.RMSprop(foreach=True)`` on the same values.
 
 ``pytest bench --benchmark-only`` times each (``benchmark.group``: one table per variant) and
-records bytes moved, GB/s, the ratio to the FlatParams time and, for FlatParams, the fraction of
-the C roofline in ``extra_info``. ``test_speed_targets`` (last) times the three again,
-interleaved in batches of 50 ms (bench/targets.py), and checks the targets as ratios: list path
-at most 2x the FlatParams time; FlatParams at least 15x faster than torch foreach.
+records bytes moved, GB/s, the thread counts and, for FlatParams, the fraction of the C roofline
+in ``extra_info``, timed interleaved with the roofline on buffers of the same size.
+``test_speed_targets`` (last) times the three again, interleaved in batches of 50 ms
+(bench/targets.py), and checks the targets as ratios: list path at most 2x the FlatParams time;
+FlatParams at least 15x faster than torch foreach. (Ratios of two tests' minima, taken seconds
+apart on a noisy machine, are not reported.)
 
 With ``--benchmark-disable`` the file is a quick correctness test: each step runs once and
 ``test_paths_agree`` checks list == FlatParams bit for bit and torch within tolerance.
@@ -13,7 +15,6 @@ With ``--benchmark-disable`` the file is a quick correctness test: each step run
 from __future__ import annotations
 
 import time
-import timeit
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from fastrms import backends
 from fastrms.flat import FlatParams
 from fastrms.optimizer import RMSprop
-from targets import Ratio, check_targets, interleaved_best
+from targets import Ratio, check_targets, interleave, target, thread_settings
 
 N_ARRAYS, SIZE = 200, 5000
 LR = 1e-3
@@ -72,17 +73,16 @@ def _warm_up(step, seconds=0.3):
         step()
 
 
-def _roofline_seconds(variant: str, flat_opt_buffers) -> float | None:
+def _roofline_step(variant: str, flat_opt_buffers):
+    """The C roofline over buffers of the flat path's size (None without the C backend)."""
     if not backends.availability("c")[0]:
         return None
     from fastrms._coefficients import MOMENTUM
-    from fastrms.backends import c_backend
 
+    roofline = backends.load("c").roofline
     param, grad, square, momentum = flat_opt_buffers
     flags = MOMENTUM if variant == "momentum" else 0
-    call = lambda: c_backend.roofline(flags, param, grad, square, momentum)  # noqa: E731
-    _warm_up(call, 0.1)
-    return min(timeit.repeat(call, number=50, repeat=5)) / 50
+    return lambda: roofline(flags, param, grad, square, momentum)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -104,18 +104,19 @@ def test_step(benchmark, name, variant):
     _best[(name, variant)] = best
     benchmark.extra_info["GB/s (min)"] = round(moved / best / 1e9, 2)
     benchmark.extra_info["GB/s (median)"] = round(moved / median / 1e9, 2)
-    flat_best = _best.get(("flat", variant))
-    if name != "flat" and flat_best:
-        benchmark.extra_info["x_flat (min)"] = round(best / flat_best, 2)
+    benchmark.extra_info["threads"] = thread_settings()
     if name == "flat":
         flat = FlatParams(_data()[0])
         f32 = np.dtype(np.float32)
         buffers = (flat.param_buffers[f32], flat.grad_buffers[f32],
-                   np.zeros(N_ARRAYS * SIZE, np.float32),
+                   np.ones(N_ARRAYS * SIZE, np.float32),
                    np.zeros(N_ARRAYS * SIZE, np.float32) if variant == "momentum" else None)
-        roof = _roofline_seconds(variant, buffers)
-        if roof:
-            benchmark.extra_info["fraction_of_roofline"] = round(roof / best, 3)
+        roofline = _roofline_step(variant, buffers)
+        if roofline is not None:
+            timed = interleave({"flat": step, "roofline": roofline}, rounds=15,
+                               batch_seconds=0.05, max_seconds=2.0)
+            benchmark.extra_info["fraction_of_roofline"] = timed.ratio("roofline",
+                                                                       "flat").as_dict()
 
 
 def test_paths_agree():
@@ -146,17 +147,16 @@ def _target_ratios() -> list[Ratio]:
         if "flat" not in names or len(names) < 2:
             continue
         steps = {name: make_step(name, variant)[0] for name in names}
-        for step in steps.values():
-            _warm_up(step, 0.1)
-        # Batches of 50 ms: each step then runs on its own warm caches, as in the tables above
-        # (the 20 MB of one path fits the L3 beside little else), and a batch also outlasts the
-        # spinning of the thread pool the step before it woke.
-        best = interleaved_best(steps, rounds=15, batch_seconds=0.05)
-        if "list" in best:
-            ratios.append((f"{variant}: list / flat", best["list"] / best["flat"], 2.0, True))
-        if "torch-foreach" in best:
-            ratios.append((f"{variant}: torch-foreach / flat", best["torch-foreach"] / best["flat"],
-                           15.0, False))
+        # Batches of 50 ms, each after an untimed step of its own (bench/targets.py): each path
+        # runs on its own warm caches, as in the tables above (the 20 MB of one path fits the
+        # L3 beside little else), and after the spinning of the previous step's thread pool.
+        timed = interleave(steps, rounds=15, batch_seconds=0.05, warmup_seconds=0.3)
+        if "list" in timed.samples:
+            ratios.append(target(f"{variant}: list / flat", timed.ratio("list", "flat"), 2.0,
+                                 at_most=True))
+        if "torch-foreach" in timed.samples:
+            ratios.append(target(f"{variant}: torch-foreach / flat",
+                                 timed.ratio("torch-foreach", "flat"), 15.0))
     return ratios
 
 

@@ -137,7 +137,7 @@ def test_quick_report_json_has_the_machine(quick_report, tmp_path):
 def test_absent_peers_are_listed_with_the_reason(monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     names = {"numexpr": ["numexpr"], "jax": ["optax-jit"],
-             "torch": ["torch-forloop", "torch-foreach"]}[module]
+             "torch": ["torch-forloop", "torch-foreach", "torch-compile"]}[module]
     report = bench.run(**dict(QUICK, variants=["plain"]), names=["numpy-formula", *names])
     entries = {i["name"]: i for i in report["implementations"]}
     for name in names:

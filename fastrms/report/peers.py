@@ -1,4 +1,5 @@
-"""The peers the bench report times: torch.optim.RMSprop, numexpr and optax under jax.jit.
+"""The peers the bench report times: torch.optim.RMSprop (eager and under torch.compile), numexpr
+and optax under jax.jit.
 
 A peer is one :class:`Peer` in :data:`PEERS`: its row name, a description, an availability check
 returning ``(available, reason)`` and a factory ``(variant, state) -> step``, as for every row
@@ -67,6 +68,39 @@ def torch_forloop(variant: str, state: dict):
 
 def torch_foreach(variant: str, state: dict):
     return _torch(variant, state, foreach=True)
+
+
+def torch_compile(variant: str, state: dict):
+    """``torch.compile`` of ``torch.optim.RMSprop``'s step, as torch's tutorial writes it (a
+    function calling ``opt.step()``, compiled): inductor turns the update into one fused C++
+    loop on CPU, with torch's thread count baked in. Same tensors as :func:`_torch`.
+
+    The first call compiles (seconds) and is made here, then undone (the arrays restored, the
+    step count back to 0): the returned step carries its duration as ``compile_seconds``, and no
+    timed call includes it. ``torch.compiler.reset()`` comes first: each new optimizer is a
+    recompilation of the same code, and past dynamo's recompile limit (8) torch would silently
+    run the step uncompiled; steps made before this one would recompile on their next call, so
+    make and use them one at a time."""
+    import time
+
+    import torch
+
+    optimizer_step = _torch(variant, state, foreach=False)
+    torch.compiler.reset()
+
+    @torch.compile
+    def step():
+        optimizer_step()
+
+    written = {key: array.copy() for key, array in state.items() if key != "grad"}
+    start = time.perf_counter()
+    step()
+    step.compile_seconds = time.perf_counter() - start
+    for key, array in written.items():
+        np.copyto(state[key], array)
+    for torch_state in optimizer_step.__self__.state.values():
+        torch_state["step"].zero_()
+    return step
 
 
 _NUMEXPR = {
@@ -198,11 +232,29 @@ _TORCH_INSTALL = "pip install torch==2.13.0 (the CPU wheel; an unpinned torch pu
 
 #: The peers, in the order the tables list them (after fastrms's own rows). The report's
 #: "vs torch" column is relative to ``torch-foreach``.
+def _torch_compile_check() -> tuple[bool, str]:
+    """torch, and the C++ compiler inductor needs on CPU ($CXX, else c++ or g++ on PATH)."""
+    import os
+    import shutil
+
+    ok, reason = module_check("torch", _TORCH_INSTALL)()
+    if not ok:
+        return ok, reason
+    candidates = ([os.environ["CXX"].split()[0]] if os.environ.get("CXX")
+                  else ["c++", "g++", "clang++"])
+    compiler = next((found for name in candidates if (found := shutil.which(name))), None)
+    if compiler is None:
+        return False, f"torch.compile on CPU needs a C++ compiler; none of {candidates} found"
+    return True, f"{reason}, inductor with {compiler}"
+
+
 PEERS: tuple[Peer, ...] = (
     Peer("torch-forloop", "torch.optim.RMSprop(foreach=False)",
          module_check("torch", _TORCH_INSTALL), torch_forloop),
     Peer("torch-foreach", "torch.optim.RMSprop(foreach=True)",
          module_check("torch", _TORCH_INSTALL), torch_foreach),
+    Peer("torch-compile", "torch.compile of torch.optim.RMSprop's step (compiled when made: the "
+         "step's compile_seconds)", _torch_compile_check, torch_compile),
     Peer("numexpr", "numexpr.evaluate, one fused expression per output, out=",
          module_check("numexpr", "pip install numexpr"), numexpr_step),
     Peer("optax-jit", "optax.rmsprop under jax.jit with donated buffers", _optax_check,
