@@ -144,6 +144,10 @@ def coefficient_arithmetic(float32: bool, lr: float, alpha: float, eps: float,
     infinite) or SCALE_ZERO_IN_DTYPE. Rounding to float32 can overflow: Python callers silence
     NumPy's warning around the call.
     """
+    # -0.0 counts as 0.0: the coefficient cache cannot tell them apart (they compare and hash
+    # equal), and the compiled entries, which have no cache, must give the same bits.
+    lr, alpha, eps = lr + 0.0, alpha + 0.0, eps + 0.0
+    weight_decay, momentum = weight_decay + 0.0, momentum + 0.0
     flags = 0
     if maximize:
         flags |= MAXIMIZE

@@ -1,25 +1,29 @@
 """The compiled ``fastrms.rmsprop_update`` for callers in ``@njit`` code: the checks, the
-coefficients and the Numba backend's driver, with no Python on the way.
+coefficients and the Numba backend's loop, with no Python on the way.
 
 :func:`implementation` is the overload's typing step (fastrms/_numba_overload.py registers it).
 The work is shared with the Python path, never copied: the value rules and the coefficient
 arithmetic are fastrms/_coefficients.py's own functions compiled by Numba, the kernel's
-arguments come from the Numba backend's ``kernel_arguments_of`` and the loop is its driver
-``update_flat``. What compiles here are the checks on arrays that Python makes with NumPy:
-shapes, optional buffers, and overlap between and within arrays (exact, as
-``np.shares_memory``).
+arguments come from the Numba backend's ``kernel_arguments_of`` and the loop is its serial
+driver ``_update_serial``. The array checks Python makes with NumPy are compiled in
+fastrms/_numba_arrays.py.
 
 Errors: the compiled checks only decide. When one refuses a call, the Python entry's own checks
 run on the same arguments, in its order, in an object-mode block (the GIL is taken there, and
 only there), and raise its exception: the same type, the same message, naming the argument.
 Nothing is written before every check passed. Argument types that cannot pass (a float64
 ``grad`` for a float32 ``param``, a read-only ``param``) are known while typing, and such a call
-compiles to that block alone.
+compiles to that block alone; so is one whose types compiled code does not take (an Optional
+array), which raises a TypeError saying so if Python's checks would have let it pass.
 
 Differences from a Python call: the kernel is always Numba's (``backend`` may be None or
-``"numba"``; ``use_backend``/``set_backend`` are not consulted), the thread count is Numba's
-(``numba.get_num_threads()``), and the coefficients are computed on every call (a few dozen
-nanoseconds), there being no cache to consult from compiled code.
+``"numba"``; ``use_backend``/``set_backend`` are not consulted); it runs on the calling thread
+at every size, since a caller that linked the ``prange`` driver would abort when Numba loads it
+from its cache in a fresh process (the threading layer is not started then: "Symbol not found:
+allocate_sched"); a caller that wants threads for a large array can split it in its own
+``prange`` (the update is elementwise: the same bits); and the coefficients are computed on
+every call (tens of nanoseconds), there being no cache to consult from compiled code. A missing
+``lr``, or a positional one, is a TypingError while Numba compiles the caller.
 """
 from __future__ import annotations
 
@@ -27,17 +31,15 @@ import numpy as np
 from numba import njit, objmode, types
 from numba.extending import overload, register_jitable
 
-from . import _coefficients, _dispatch, backends
-from ._coefficients import CENTERED, MOMENTUM, RANGES, FLOAT_DTYPES
+from . import _coefficients, _dispatch
+from ._coefficients import CENTERED, MOMENTUM, RANGES
+from ._numba_arrays import compiled, gather, memory_ok, overload_options, scatter, streams_ok
 from ._validation import (check_arrays, check_no_internal_overlap, check_no_overlap, check_param,
                           check_writeable)
 from .backends import numba_backend
 from .backends.numba_backend import _jit  # the one place for Numba's compilation settings
 
-#: Options of the overloads here: no fastmath, whatever the calling function's (Numba would
-#: otherwise let a caller's fastmath=True reach them).
-_overload_options = {"fastmath": False, "error_model": "numpy"}
-register_jitable(**_overload_options)(_coefficients._round_to)
+register_jitable(**overload_options)(_coefficients._round_to)
 _coefficient_arithmetic = njit(**_jit)(_coefficients.coefficient_arithmetic)
 _range_violation = njit(**_jit)(_coefficients.range_violation)
 _kernel_arguments_of = njit(**_jit)(numba_backend.kernel_arguments_of)
@@ -57,8 +59,40 @@ def implementation(param, grad, square_avg, momentum_buffer, grad_avg, backend, 
     problems = _type_problems(param, grad, square_avg, momentum_buffer, grad_avg, backend, reals,
                               flags)
     if problems:
-        return _raising_implementation("; ".join(problems))
+        given = dict(reals, **flags, param=param, grad=grad, square_avg=square_avg,
+                     momentum_buffer=momentum_buffer, grad_avg=grad_avg, backend=backend)
+        stand_ins = ";".join(f"{name}={kind}" for name in ARGUMENT_NAMES
+                             if (kind := _stand_in(given[name])))
+        return _raising_implementation("; ".join(problems), stand_ins)
     return _full_implementation()
+
+
+#: rmsprop_update's arguments, in the order the implementations pass them on.
+ARGUMENT_NAMES = ("param", "grad", "square_avg", "lr", "alpha", "eps", "weight_decay", "momentum",
+                  "centered", "maximize", "eps_in_sqrt", "lr_in_momentum", "nesterov",
+                  "decoupled_weight_decay", "momentum_buffer", "grad_avg", "grad_scale",
+                  "backend")
+
+
+def _stand_in(value) -> str:
+    """How Python's checks are to see an argument of this type, where its value comes back from
+    compiled code as something else, whose type name their message would print: "" (as it
+    is), a NumPy scalar type (a float32 comes back a float), or "!name" for a value that cannot
+    enter an object-mode block at all (a list): an empty object of that type stands in."""
+    if not _is_type(value) or isinstance(value, (types.Array, types.Boolean, types.NoneType,
+                                                 types.Omitted, types.UnicodeType,
+                                                 types.StringLiteral, types.Optional,
+                                                 types.BaseTuple)):
+        return ""
+    if isinstance(value, (types.Integer, types.Float, types.Complex)):
+        return "" if value.name in ("int64", "float64", "complex128") else value.name
+    if isinstance(value, (types.List, types.ListType)):
+        return "!list"
+    if isinstance(value, types.Set):
+        return "!set"
+    if isinstance(value, types.DictType):
+        return "!dict"
+    return f"!{value}"
 
 
 def _is_type(value) -> bool:
@@ -120,23 +154,38 @@ def _full_implementation():
     return rmsprop_update
 
 
-def _raising_implementation(reason: str):
+def _raising_implementation(reason: str, stand_ins: str):
     message = f"fastrms.rmsprop_update in compiled code: {reason}"
 
     def rmsprop_update(param, grad, square_avg, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
                        momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
                        lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
                        momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None):
-        _refuse(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, centered,
-                maximize, eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay,
-                momentum_buffer, grad_avg, grad_scale, backend, message)
+        _refuse(_passable(param), _passable(grad), _passable(square_avg), _passable(lr),
+                _passable(alpha), _passable(eps), _passable(weight_decay), _passable(momentum),
+                _passable(centered), _passable(maximize), _passable(eps_in_sqrt),
+                _passable(lr_in_momentum), _passable(nesterov),
+                _passable(decoupled_weight_decay), _passable(momentum_buffer),
+                _passable(grad_avg), _passable(grad_scale), _passable(backend), message,
+                stand_ins)
 
     return rmsprop_update
 
 
+def _passable(value):
+    """The value, or None where it cannot enter an object-mode block (see _stand_in)."""
+
+
+@overload(_passable, jit_options=overload_options)
+def _passable_typed(value):
+    if _stand_in(value).startswith("!"):
+        return lambda value: None
+    return lambda value: value
+
+
 # A module-level function, not the overload's closure, so that Numba's cache keeps it: a fresh
 # process then compiles only the caller and the thin overload around this.
-@njit(**_jit)
+@compiled
 def checked_update(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, centered,
                    maximize, eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay,
                    momentum_buffer, grad_avg, grad_scale, backend):
@@ -145,15 +194,15 @@ def checked_update(param, grad, square_avg, lr, alpha, eps, weight_decay, moment
         _is_float32(param), lr, alpha, eps, weight_decay, momentum, centered, maximize,
         eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
     if ok:
-        ok = (_streams_ok(param, grad, square_avg, momentum_buffer, grad_avg,
+        ok = (streams_ok(param, grad, square_avg, momentum_buffer, grad_avg,
                           (flags & MOMENTUM) != 0, (flags & CENTERED) != 0)
               and _backend_ok(backend)
-              and _memory_ok(param, grad, square_avg, momentum_buffer, grad_avg))
+              and memory_ok(param, grad, square_avg, momentum_buffer, grad_avg))
     if not ok:
         _refuse(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, centered,
                 maximize, eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay,
                 momentum_buffer, grad_avg, grad_scale, backend,
-                "the compiled checks refused a call that Python's accept (a fastrms bug)")
+                "the compiled checks refused a call that Python's accept (a fastrms bug)", "")
         return
     if param.size == 0:
         return
@@ -162,43 +211,43 @@ def checked_update(param, grad, square_avg, lr, alpha, eps, weight_decay, moment
                                                         _in_dtype_of(param, -0.0))
     # Contiguous arrays are used as they are; others are gathered into copies, updated and
     # scattered back (the Python path's design), which gives the same bits.
-    P = _gather(param)
-    G = _gather(grad)
-    S = _gather(square_avg)
+    P = gather(param)
+    G = gather(grad)
+    S = gather(square_avg)
     if momentum_buffer is None:
         B = P[:0]
     else:
-        B = _gather(momentum_buffer)
+        B = gather(momentum_buffer)
     if grad_avg is None:
         A = P[:0]
     else:
-        A = _gather(grad_avg)
+        A = gather(grad_avg)
     _update_serial(P, G, S, B, A, unscale, coefficients, forms)
-    _scatter(param, P)
-    _scatter(square_avg, S)
+    scatter(param, P)
+    scatter(square_avg, S)
     if momentum_buffer is not None:
-        _scatter(momentum_buffer, B)
+        scatter(momentum_buffer, B)
     if grad_avg is not None:
-        _scatter(grad_avg, A)
+        scatter(grad_avg, A)
 
 
-@njit(**_jit)
+@compiled(nogil=False)  # it takes the GIL (nogil would only add a warning)
 def _refuse(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum, centered, maximize,
             eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay, momentum_buffer,
-            grad_avg, grad_scale, backend, otherwise):
+            grad_avg, grad_scale, backend, otherwise, stand_ins):
     """Raise the Python entry's exception for a call the compiled checks refused."""
     with objmode():
         raise_as_python_would(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum,
                               centered, maximize, eps_in_sqrt, lr_in_momentum, nesterov,
                               decoupled_weight_decay, momentum_buffer, grad_avg, grad_scale,
-                              backend, otherwise)
+                              backend, otherwise, stand_ins)
 
 
 def _is_float32(param) -> bool:
     """Whether param is float32 (else float64), known from its type."""
 
 
-@overload(_is_float32, jit_options=_overload_options)
+@overload(_is_float32, jit_options=overload_options)
 def _is_float32_typed(param):
     float32 = param.dtype == types.float32
     return lambda param: float32
@@ -208,7 +257,7 @@ def _in_dtype_of(param, values):
     """A float, or a tuple of floats, as scalars of param's dtype (exact for these values)."""
 
 
-@overload(_in_dtype_of, jit_options=_overload_options)
+@overload(_in_dtype_of, jit_options=overload_options)
 def _in_dtype_of_typed(param, values):
     to = np.float32 if param.dtype == types.float32 else np.float64
     if isinstance(values, types.BaseTuple):
@@ -219,17 +268,27 @@ def _in_dtype_of_typed(param, values):
     return lambda param, values: to(values)
 
 
-def raise_as_python_would(param, grad, square_avg, lr, alpha, eps, weight_decay, momentum,
-                          centered, maximize, eps_in_sqrt, lr_in_momentum, nesterov,
-                          decoupled_weight_decay, momentum_buffer, grad_avg, grad_scale, backend,
-                          otherwise: str):
+def raise_as_python_would(*arguments):
     """Run the Python entry's checks on a call, in its order, writing nothing: they raise its
-    exception. ``otherwise``: the TypeError's message if none of them raises (a call Python
-    accepts with types compiled code does not take, or a fastrms bug)."""
+    exception. ``arguments``: those of ARGUMENT_NAMES, then ``otherwise``, the TypeError's
+    message if none of the checks raises (a call Python accepts, with types compiled code does
+    not take, or a fastrms bug), then the stand-ins (see _stand_in)."""
+    *values, otherwise, stand_ins = arguments
+    given = dict(zip(ARGUMENT_NAMES, values))
+    for item in filter(None, stand_ins.split(";")):
+        name, kind = item.split("=")
+        if kind.startswith("!"):
+            kind = kind[1:]
+            given[name] = {"list": list, "set": set, "dict": dict}.get(
+                kind, type(kind, (), {}))()
+        else:
+            given[name] = getattr(np, kind)(given[name])
+    param, grad, square_avg = given["param"], given["grad"], given["square_avg"]
+    momentum_buffer, grad_avg, backend = (given["momentum_buffer"], given["grad_avg"],
+                                          given["backend"])
     dtype = check_param(param)
     coeffs = _coefficients.kernel_coefficients(
-        dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
-        lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale)
+        dtype, *(given[name] for name in ARGUMENT_NAMES[3:14]), grad_scale=given["grad_scale"])
     check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                  coeffs.centered)
     if backend is not None and backend != "numba":
@@ -245,7 +304,7 @@ def raise_as_python_would(param, grad, square_avg, lr, alpha, eps, weight_decay,
 
 # -- the compiled checks -------------------------------------------------------------------------
 
-@njit(**_jit)
+@compiled
 def _optional_real(value):
     """(True, value as float), or (False, 0.0) for None."""
     if value is None:
@@ -253,12 +312,12 @@ def _optional_real(value):
     return True, float(value)
 
 
-@njit(**_jit)
+@compiled
 def _in_range(value, bounds) -> bool:
     return _range_violation(value, bounds[0], bounds[1], bounds[2]) == 0
 
 
-@njit(**_jit)
+@compiled
 def _checked_coefficients(float32, lr, alpha, eps, weight_decay, momentum, centered, maximize,
                           eps_in_sqrt, lr_in_momentum, nesterov, decoupled_weight_decay,
                           grad_scale):
@@ -288,197 +347,8 @@ def _checked_coefficients(float32, lr, alpha, eps, weight_decay, momentum, cente
     return error == 0, values, flags
 
 
-@njit(**_jit)
-def _optional_stream_ok(array, shape, used) -> bool:
-    if array is None:
-        return not used
-    return used and array.shape == shape
-
-
-@njit(**_jit)
-def _streams_ok(param, grad, square_avg, momentum_buffer, grad_avg, uses_momentum, centered):
-    shape = param.shape
-    return (grad.shape == shape and square_avg.shape == shape
-            and _optional_stream_ok(momentum_buffer, shape, uses_momentum)
-            and _optional_stream_ok(grad_avg, shape, centered))
-
-
-@njit(**_jit)
+@compiled
 def _backend_ok(backend) -> bool:
     if backend is None:
         return True
     return backend == "numba"
-
-
-# Each check below has a general form and, where it knows the answer from the types (C-contiguous
-# arrays, far the most common), a trivial one: every caller compiles what it calls anew, so
-# what a call does not need costs compile time only.
-
-def _layout_c(array) -> bool:
-    return isinstance(array, types.Array) and array.layout == "C"
-
-
-@njit(**_jit)
-def _address(array) -> int:
-    return np.int64(array.ctypes.data)
-
-
-@njit(**_jit)
-def _extent(array):
-    """[lo, hi): the bytes between the array's first and last byte (a non-empty array)."""
-    lo = _address(array)
-    hi = lo
-    for d in range(array.ndim):
-        reach = array.strides[d] * (array.shape[d] - 1)
-        if reach < 0:
-            lo += reach
-        else:
-            hi += reach
-    return lo, hi + array.itemsize
-
-
-@njit(**_jit)
-def _dense(array) -> bool:
-    return array.flags.c_contiguous or array.flags.f_contiguous
-
-
-@njit(**_jit)
-def _element_addresses(array):
-    addresses = np.empty(array.size, np.int64)
-    base = _address(array)
-    k = 0
-    for index in np.ndindex(array.shape):
-        offset = 0
-        for d in range(array.ndim):
-            offset += index[d] * array.strides[d]
-        addresses[k] = base + offset
-        k += 1
-    return addresses
-
-
-def _share_memory(a, b) -> bool:
-    """np.shares_memory(a, b) for two arrays of one dtype: exact, any strides."""
-
-
-@overload(_share_memory, jit_options=_overload_options)
-def _share_memory_typed(a, b):
-    if _layout_c(a) and _layout_c(b):
-        return lambda a, b: _contiguous_share_memory(a, b)
-    return lambda a, b: _strided_share_memory(a, b)
-
-
-@njit(**_jit)
-def _contiguous_share_memory(a, b) -> bool:
-    if a.size == 0 or b.size == 0:
-        return False
-    a_lo = _address(a)
-    b_lo = _address(b)
-    return a_lo < b_lo + b.nbytes and b_lo < a_lo + a.nbytes
-
-
-@njit(**_jit)
-def _strided_share_memory(a, b) -> bool:
-    if a.size == 0 or b.size == 0:
-        return False
-    a_lo, a_hi = _extent(a)
-    b_lo, b_hi = _extent(b)
-    if a_hi <= b_lo or b_hi <= a_lo:
-        return False
-    if _dense(a) and _dense(b):  # each covers its whole extent
-        return True
-    # Strided arrays may interleave without sharing a byte: look at every element's bytes.
-    size = a.itemsize
-    others = np.sort(_element_addresses(b))
-    for start in _element_addresses(a):
-        j = np.searchsorted(others, start - size + 1)
-        if j < others.size and others[j] < start + size:
-            return True
-    return False
-
-
-@njit(**_jit)
-def _disjoint(a, b) -> bool:
-    if a is None:
-        return True
-    if b is None:
-        return True
-    return not _share_memory(a, b)
-
-
-def _overlaps_itself(array) -> bool:
-    """_validation.check_no_internal_overlap's test: strides sorted, each must step over
-    everything inside it."""
-
-
-@overload(_overlaps_itself, jit_options=_overload_options)
-def _overlaps_itself_typed(array):
-    if _layout_c(array) or not isinstance(array, types.Array):  # or None: no array
-        return lambda array: False
-    return lambda array: _strided_overlaps_itself(array)
-
-
-@njit(**_jit)
-def _strided_overlaps_itself(array) -> bool:
-    if array.size <= 1 or _dense(array):
-        return False
-    strides = np.empty(array.ndim, np.int64)
-    lengths = np.empty(array.ndim, np.int64)
-    k = 0
-    for d in range(array.ndim):
-        if array.shape[d] > 1:
-            strides[k] = abs(array.strides[d])
-            lengths[k] = array.shape[d]
-            k += 1
-    for i in range(1, k):  # insertion sort by (stride, length), as Python sorts the pairs
-        stride, length = strides[i], lengths[i]
-        j = i - 1
-        while j >= 0 and (strides[j] > stride or (strides[j] == stride and lengths[j] > length)):
-            strides[j + 1] = strides[j]
-            lengths[j + 1] = lengths[j]
-            j -= 1
-        strides[j + 1] = stride
-        lengths[j + 1] = length
-    extent = array.itemsize
-    for i in range(k):
-        if strides[i] < extent:
-            return True
-        extent += strides[i] * (lengths[i] - 1)
-    return False
-
-
-@njit(**_jit)
-def _memory_ok(param, grad, square_avg, momentum_buffer, grad_avg) -> bool:
-    if (_overlaps_itself(param) or _overlaps_itself(square_avg)
-            or _overlaps_itself(momentum_buffer) or _overlaps_itself(grad_avg)):
-        return False
-    return (_disjoint(param, grad) and _disjoint(param, square_avg)
-            and _disjoint(param, momentum_buffer) and _disjoint(param, grad_avg)
-            and _disjoint(grad, square_avg) and _disjoint(grad, momentum_buffer)
-            and _disjoint(grad, grad_avg) and _disjoint(square_avg, momentum_buffer)
-            and _disjoint(square_avg, grad_avg) and _disjoint(momentum_buffer, grad_avg))
-
-
-def _gather(array):
-    """The array's elements as a flat C-contiguous array: a view if it is contiguous, else a copy."""
-
-
-@overload(_gather, jit_options=_overload_options)
-def _gather_typed(array):
-    if _layout_c(array):
-        return lambda array: array.reshape(-1)
-    return lambda array: np.ascontiguousarray(array).reshape(-1)
-
-
-def _scatter(array, flat) -> None:
-    """Write a gathered copy back into its array (nothing where _gather gave a view)."""
-
-
-@overload(_scatter, jit_options=_overload_options)
-def _scatter_typed(array, flat):
-    if _layout_c(array):
-        return lambda array, flat: None
-
-    def scatter(array, flat):
-        if _address(flat) != _address(array):
-            array[...] = flat.reshape(array.shape)
-    return scatter

@@ -136,8 +136,10 @@ static inline double fastrms_api_round_(double value, int float32) {
  * receives the ten coefficients in struct order, as doubles exact in the dtype. */
 static inline int fastrms_api_coefficients_(const struct fastrms_hyperparameters *h, int float32,
                                             double values[10], unsigned *flags_out) {
-    const double lr = h->lr, alpha = h->alpha, eps = h->eps, weight_decay = h->weight_decay;
-    const double momentum = h->momentum, grad_scale = h->grad_scale;
+    /* + 0.0: -0.0 counts as 0.0, as in Python. */
+    const double lr = h->lr + 0.0, alpha = h->alpha + 0.0, eps = h->eps + 0.0;
+    const double weight_decay = h->weight_decay + 0.0, momentum = h->momentum + 0.0;
+    const double grad_scale = h->grad_scale;
     if (fastrms_api_out_of_range_(lr, 0.0, INFINITY, 0)) return FASTRMS_BAD_LR;
     if (fastrms_api_out_of_range_(alpha, 0.0, 1.0, 1)) return FASTRMS_BAD_ALPHA;
     if (fastrms_api_out_of_range_(eps, 0.0, INFINITY, 0)) return FASTRMS_BAD_EPS;
