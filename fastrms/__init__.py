@@ -9,6 +9,7 @@ momentum buffer and the centered gradient average. Three backends give the same 
 >>> square_avg = np.zeros_like(param)
 >>> fastrms.rmsprop_update(param, grad, square_avg, lr=0.01)
 """
+from ._c_api import get_include
 from ._coefficients import Coefficients, kernel_coefficients
 from ._dispatch import (BackendFallbackWarning, BackendUnavailableError, automatic_choice,
                         set_backend, use_backend)
@@ -29,6 +30,7 @@ __all__ = [
     "RMSprop",
     "__version__",
     "automatic_choice",
+    "get_include",
     "get_num_threads",
     "info",
     "kernel_coefficients",
@@ -39,3 +41,13 @@ __all__ = [
     "state_dict_to_arrays",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    # fastrms._C_API (fastrms/_c_api.py) is made on first use, so that import stays quick.
+    if name == "_C_API":
+        from . import _c_api
+
+        capsule = globals()["_C_API"] = _c_api.capsule()
+        return capsule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

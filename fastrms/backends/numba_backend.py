@@ -206,9 +206,21 @@ def _thread_count() -> int:
 
 
 def _kernel_arguments(coeffs) -> tuple:
-    """The kernels' run-time arguments, made once per Coefficients: (unscale, coefficients,
-    forms), tuples of NumPy scalars and plain ints and bools, so one compiled signature per dtype
-    serves every option.
+    """The kernels' run-time arguments, made once per Coefficients (see kernel_arguments_of)."""
+    arguments = coeffs.backend_cache.get("numba")
+    if arguments is None:
+        arguments = kernel_arguments_of(coeffs.scalars, coeffs.flags, coeffs.dtype.type(1.0),
+                                        coeffs.dtype.type(-0.0))
+        coeffs.backend_cache["numba"] = arguments
+    return arguments
+
+
+def kernel_arguments_of(scalars, flags, one, negative_zero) -> tuple:
+    """(unscale, coefficients, forms), the kernels' run-time arguments: tuples of scalars of the
+    dtype (``scalars``: the coefficients in kernel order; ``one`` and ``negative_zero`` of the
+    same dtype) and plain ints and bools, so one compiled signature per dtype serves every
+    option. Plain Python that Numba also compiles: the entry for @njit callers
+    (fastrms/_numba_entry.py) makes the same arguments with it.
 
     Two choices of SPEC.md become coefficients, exactly, so that the loops need no select:
     - eps: ``sqrt(v + eps_inside) + eps_outside``, one of the two being -0.0, since x + (-0.0)
@@ -218,23 +230,17 @@ def _kernel_arguments(coeffs) -> tuple:
       lr and step -1, and p + (-1 * x) is p - x, a NaN x keeping its sign through both (an
       x86 multiply or subtract returns a NaN operand as it is).
     """
-    arguments = coeffs.backend_cache.get("numba")
-    if arguments is None:
-        (alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay, grad_scale,
-         grad_scale_inverse) = coeffs.scalars
-        flags = coeffs.flags
-        one, no_eps = coeffs.dtype.type(1.0), coeffs.dtype.type(-0.0)
-        eps_inside, eps_outside = (eps, no_eps) if flags & EPS_IN_SQRT else (no_eps, eps)
-        numerator, step = (lr, -one) if flags & LR_IN_MOMENTUM else (one, neg_lr)
-        unscale_form = 0 if not flags & GRAD_SCALE else (1 if grad_scale_inverse else 2)
-        decay_form = 1 if flags & WD_COUPLED else (2 if flags & WD_DECOUPLED else 0)
-        arguments = ((unscale_form, grad_scale, grad_scale_inverse),
-                     (alpha, one_minus_alpha, eps_inside, eps_outside, neg_lr, numerator, step,
-                      weight_decay, momentum, decay),
-                     (bool(flags & MAXIMIZE), bool(flags & CENTERED), bool(flags & MOMENTUM),
-                      bool(flags & NESTEROV), decay_form))
-        coeffs.backend_cache["numba"] = arguments
-    return arguments
+    (alpha, one_minus_alpha, eps, neg_lr, lr, weight_decay, momentum, decay, grad_scale,
+     grad_scale_inverse) = scalars
+    eps_inside, eps_outside = (eps, negative_zero) if flags & EPS_IN_SQRT else (negative_zero, eps)
+    numerator, step = (lr, -one) if flags & LR_IN_MOMENTUM else (one, neg_lr)
+    unscale_form = 0 if not flags & GRAD_SCALE else (1 if grad_scale_inverse else 2)
+    decay_form = 1 if flags & WD_COUPLED else (2 if flags & WD_DECOUPLED else 0)
+    return ((unscale_form, grad_scale, grad_scale_inverse),
+            (alpha, one_minus_alpha, eps_inside, eps_outside, neg_lr, numerator, step,
+             weight_decay, momentum, decay),
+            (bool(flags & MAXIMIZE), bool(flags & CENTERED), bool(flags & MOMENTUM),
+             bool(flags & NESTEROV), decay_form))
 
 
 def _flat(array, dtype):
@@ -337,3 +343,10 @@ def describe() -> dict:
         "parallel_threshold": PARALLEL_THRESHOLD,
         "serial_only_after_fork": _serial_only,
     }
+
+
+# fastrms.rmsprop_update from users' @njit code: registered here too, so that it works without
+# Numba's entry point (which needs the installed package's metadata).
+from .._numba_overload import init as _register_overload  # noqa: E402
+
+_register_overload()
