@@ -101,40 +101,48 @@ static ALWAYS_INLINE uint32_t random_bits(uint32_t k0, uint32_t k1, uint32_t ind
 
 typedef void (*decode_fn)(const uint16_t *, float *, size_t);
 typedef void (*encode_fn)(const float *, uint16_t *, size_t);
+/* (in, out, n, k0, k1, counter): k1 holds the counter's high word; `counter` is the 64-bit
+ * index of in[0] (float16: its counter is the element index; bfloat16: the element index, the
+ * counter being index / 2), and the callee's 32-bit counter arithmetic does not wrap. */
 typedef void (*encode_stochastic_fn)(const float *, uint16_t *, size_t, uint32_t, uint32_t,
-                                     uint32_t);
+                                     uint64_t);
 typedef void (*unscale_fn)(const float *, float *, size_t, float, float);
 
-#define CODECS_FOR_LEVEL(level, target)                                                       \
+/* bfloat16 takes 16 random bits per element: element i the low (even i) or high (odd i) half
+ * of the bits of counter i / 2, which halves the hashing. */
+static ALWAYS_INLINE void bf16_stochastic_pairs(const float *restrict in, uint16_t *restrict out,
+                                                size_t n, uint32_t k0, uint32_t k1,
+                                                uint64_t first) {
+    size_t i = 0;
+    if (n && (first & 1u)) {
+        out[0] = bf16_stochastic(f32_bits(in[0]), random_bits(k0, k1, (uint32_t)(first >> 1)) >> 16);
+        i = 1;
+    }
+    const uint32_t pair0 = (uint32_t)((first + i) >> 1);
+    for (size_t k = 0; i + 2 <= n; i += 2, ++k) {
+        const uint32_t r = random_bits(k0, k1, pair0 + (uint32_t)k);
+        out[i] = bf16_stochastic(f32_bits(in[i]), r);
+        out[i + 1] = bf16_stochastic(f32_bits(in[i + 1]), r >> 16);
+    }
+    if (i < n) out[i] = bf16_stochastic(f32_bits(in[i]), random_bits(k0, k1, (uint32_t)((first + i) >> 1)));
+}
+
+#define F16_CODECS_FOR_LEVEL(level, target)                                                   \
     static target void decode_f16_##level(const uint16_t *restrict in, float *restrict out,   \
                                           size_t n) {                                         \
         for (size_t i = 0; i < n; ++i) out[i] = f32_from_bits(f16_widen(in[i]));              \
-    }                                                                                         \
-    static target void decode_bf16_##level(const uint16_t *restrict in, float *restrict out,  \
-                                           size_t n) {                                        \
-        for (size_t i = 0; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);         \
     }                                                                                         \
     static target void encode_f16_nearest_##level(const float *restrict in,                   \
                                                   uint16_t *restrict out, size_t n) {         \
         for (size_t i = 0; i < n; ++i) out[i] = f16_nearest(f32_bits(in[i]));                 \
     }                                                                                         \
-    static target void encode_bf16_nearest_##level(const float *restrict in,                  \
-                                                   uint16_t *restrict out, size_t n) {        \
-        for (size_t i = 0; i < n; ++i) out[i] = bf16_nearest(f32_bits(in[i]));                \
-    }                                                                                         \
     static target void encode_f16_stochastic_##level(const float *restrict in,                \
                                                      uint16_t *restrict out, size_t n,        \
                                                      uint32_t k0, uint32_t k1,                \
-                                                     uint32_t first) {                        \
+                                                     uint64_t first) {                        \
+        const uint32_t low = (uint32_t)first;                                                 \
         for (size_t i = 0; i < n; ++i)                                                        \
-            out[i] = f16_stochastic(f32_bits(in[i]), random_bits(k0, k1, first + (uint32_t)i)); \
-    }                                                                                         \
-    static target void encode_bf16_stochastic_##level(const float *restrict in,               \
-                                                      uint16_t *restrict out, size_t n,       \
-                                                      uint32_t k0, uint32_t k1,               \
-                                                      uint32_t first) {                       \
-        for (size_t i = 0; i < n; ++i)                                                        \
-            out[i] = bf16_stochastic(f32_bits(in[i]), random_bits(k0, k1, first + (uint32_t)i)); \
+            out[i] = f16_stochastic(f32_bits(in[i]), random_bits(k0, k1, low + (uint32_t)i)); \
     }                                                                                         \
     /* The loss-scaled gradient block; in may be out (an exact reciprocal: the same bits). */ \
     static target void unscale_##level(const float *in, float *out, size_t n, float scale,    \
@@ -144,10 +152,116 @@ typedef void (*unscale_fn)(const float *, float *, size_t, float, float);
         else                                                                                  \
             for (size_t i = 0; i < n; ++i) out[i] = in[i] / scale;                            \
     }
-CODECS_FOR_LEVEL(baseline, )
-CODECS_FOR_LEVEL(avx2, TARGET_AVX2)
-CODECS_FOR_LEVEL(avx512, TARGET_AVX512)
-#undef CODECS_FOR_LEVEL
+#define BF16_CODECS_FOR_LEVEL(level, target)                                                  \
+    static target void decode_bf16_##level(const uint16_t *restrict in, float *restrict out,  \
+                                           size_t n) {                                        \
+        for (size_t i = 0; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);         \
+    }                                                                                         \
+    static target void encode_bf16_nearest_##level(const float *restrict in,                  \
+                                                   uint16_t *restrict out, size_t n) {        \
+        for (size_t i = 0; i < n; ++i) out[i] = bf16_nearest(f32_bits(in[i]));                \
+    }                                                                                         \
+    static target void encode_bf16_stochastic_##level(const float *restrict in,               \
+                                                      uint16_t *restrict out, size_t n,       \
+                                                      uint32_t k0, uint32_t k1,               \
+                                                      uint64_t first) {                       \
+        bf16_stochastic_pairs(in, out, n, k0, k1, first);                                     \
+    }
+F16_CODECS_FOR_LEVEL(baseline, )
+F16_CODECS_FOR_LEVEL(avx2, TARGET_AVX2)
+F16_CODECS_FOR_LEVEL(avx512, TARGET_AVX512)
+BF16_CODECS_FOR_LEVEL(baseline, )
+BF16_CODECS_FOR_LEVEL(avx512, TARGET_AVX512)
+#undef F16_CODECS_FOR_LEVEL
+#undef BF16_CODECS_FOR_LEVEL
+
+/* -- bfloat16 at the AVX2 level, written out: GCC's vectorisation of the loops above spends
+ * about twice the instructions (widening through 16-bit lanes and back, the NaN select done on
+ * every vector), and these loops share the vector units with the float32 update. -------- */
+
+/* 16 bfloat16 -> float32: interleave zeros below each value, in element order. */
+static TARGET_AVX2 void decode_bf16_avx2(const uint16_t *restrict in, float *restrict out,
+                                         size_t n) {
+    const __m256i zero = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i h =
+            _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)(in + i)), 0xD8);
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_unpacklo_epi16(zero, h));
+        _mm256_storeu_si256((__m256i *)(out + i + 8), _mm256_unpackhi_epi16(zero, h));
+    }
+    for (; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);
+}
+
+static ALWAYS_INLINE TARGET_AVX2 __m256i bf16_round_avx2(__m256i x) {
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb),
+                             16);
+}
+
+/* Two vectors of 32-bit results (each < 2^16) -> 16 uint16 in element order. */
+static ALWAYS_INLINE TARGET_AVX2 void store_halves_avx2(uint16_t *out, __m256i a, __m256i b) {
+    _mm256_storeu_si256((__m256i *)out,
+                        _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+}
+
+static ALWAYS_INLINE TARGET_AVX2 int any_nan_avx2(__m256 a, __m256 b) {
+    return _mm256_movemask_ps(
+        _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+}
+
+/* A vector holding a NaN (rare) goes through the element function. */
+static TARGET_AVX2 void encode_bf16_nearest_avx2(const float *restrict in, uint16_t *restrict out,
+                                                 size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(in + i), b = _mm256_loadu_ps(in + i + 8);
+        if (any_nan_avx2(a, b)) {
+            for (size_t j = i; j < i + 16; ++j) out[j] = bf16_nearest(f32_bits(in[j]));
+            continue;
+        }
+        store_halves_avx2(out + i, bf16_round_avx2(_mm256_castps_si256(a)),
+                          bf16_round_avx2(_mm256_castps_si256(b)));
+    }
+    for (; i < n; ++i) out[i] = bf16_nearest(f32_bits(in[i]));
+}
+
+static ALWAYS_INLINE TARGET_AVX2 __m256i mix32_avx2(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x21F0AAAD));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x735A2D97));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+}
+
+static TARGET_AVX2 void encode_bf16_stochastic_avx2(const float *restrict in,
+                                                    uint16_t *restrict out, size_t n,
+                                                    uint32_t k0, uint32_t k1, uint64_t first) {
+    size_t i = 0;
+    if (first & 1u) { /* start on a pair */
+        bf16_stochastic_pairs(in, out, n < 1 ? n : 1, k0, k1, first);
+        i = 1;
+    }
+    const __m256i key0 = _mm256_set1_epi32((int)k0), key1 = _mm256_set1_epi32((int)k1);
+    __m256i counter = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)((first + i) >> 1)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(in + i), b = _mm256_loadu_ps(in + i + 8);
+        const __m256i bits = mix32_avx2(_mm256_xor_si256(mix32_avx2(_mm256_xor_si256(counter, key0)), key1));
+        counter = _mm256_add_epi32(counter, _mm256_set1_epi32(8));
+        if (any_nan_avx2(a, b)) {
+            bf16_stochastic_pairs(in + i, out + i, 16, k0, k1, first + i);
+            continue;
+        }
+        /* Lane k holds the bits of elements 2k (low half) and 2k + 1 (high half). */
+        const __m256i ra = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits));
+        const __m256i rb = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1));
+        store_halves_avx2(out + i,
+                          _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(a), ra), 16),
+                          _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(b), rb), 16));
+    }
+    if (i < n) bf16_stochastic_pairs(in + i, out + i, n - i, k0, k1, first + i);
+}
 
 /* -- F16C (vcvtph2ps / vcvtps2ph) and AVX512-BF16 (vcvtneps2bf16) ------------------------- */
 

@@ -99,11 +99,13 @@ static void encode_p16(const codecs16 *c, unsigned formats, uint32_t k0, uint32_
         return;
     }
     while (n) {
-        /* The loops count the index in 32 bits: split where its high word changes. */
-        const uint32_t high = (uint32_t)(first >> 32), low = (uint32_t)first;
-        const uint64_t room = ((uint64_t)1 << 32) - low;
+        /* The loops count in 32 bits: split where the counter's high word changes. */
+        const uint64_t counter = bf16 ? first >> 1 : first;
+        const uint64_t counters_left = ((uint64_t)1 << 32) - (uint32_t)counter;
+        const uint64_t room = bf16 ? 2 * counters_left - (first & 1u) : counters_left;
         const size_t part = (uint64_t)n < room ? n : (size_t)room;
-        c->stochastic[bf16](in, out, part, k0, k1 ^ (high * 0x9E3779B9u), low);
+        c->stochastic[bf16](in, out, part, k0, k1 ^ ((uint32_t)(counter >> 32) * 0x9E3779B9u),
+                            first);
         in += part;
         out += part;
         first += part;

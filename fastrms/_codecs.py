@@ -10,8 +10,10 @@ float16 and bfloat16 widen to float32 exactly. Narrowing is the only rounding a 
 - ``encode_stochastic``: round to one of the two neighbouring 16-bit values (the one toward zero
   and the one away from it, infinity being the neighbour above the largest finite value), away
   from zero with probability equal to the distance from the neighbour toward zero in units of
-  their gap. The random bits are :func:`random_bits` of (key, element index), so they do not
-  depend on how the work is split. NaN and infinities convert as ``encode_nearest`` does.
+  their gap. The random bits are those of (key, element index), so they do not depend on how
+  the work is split: float16 element i takes the 32 bits of counter i, bfloat16 element i the
+  low (even i) or high (odd i) 16 bits of counter i // 2 (:func:`element_bits`). NaN and
+  infinities convert as ``encode_nearest`` does.
 
 The rounding is exactly unbiased wherever the dropped part fits the random bits: always for
 bfloat16 (16 random bits, 16 dropped bits) and for float16 results of magnitude >= 2^-32
@@ -86,13 +88,23 @@ def _mix32(x: np.ndarray) -> np.ndarray:
 
 
 def random_bits(key: int, first: int, count: int) -> np.ndarray:
-    """32 random bits (uint32) for each element index in ``[first, first + count)``."""
+    """32 random bits (uint32) for each counter in ``[first, first + count)``."""
     index = np.arange(first, first + count, dtype=np.uint64)
     low = (index & np.uint64(0xFFFFFFFF)).astype(_U32)
     high = (index >> np.uint64(32)).astype(_U32)
     k0, k1 = _U32(key & 0xFFFFFFFF), _U32(key >> 32)
     with np.errstate(over="ignore"):
         return _mix32(_mix32(low ^ k0) ^ k1 ^ (high * _U32(0x9E3779B9)))
+
+
+def element_bits(dtype, key: int, first: int, count: int) -> np.ndarray:
+    """The random bits (uint32) stochastic rounding to ``dtype`` uses for the elements of index
+    ``[first, first + count)``."""
+    if np.dtype(dtype) == FLOAT16:
+        return random_bits(key, first, count)
+    pairs = random_bits(key, first >> 1, ((first + count + 1) >> 1) - (first >> 1))
+    halves = np.stack([pairs & _U32(0xFFFF), pairs >> _U32(16)], axis=1).reshape(-1)
+    return halves[first & 1:(first & 1) + count]
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +128,7 @@ def encode_stochastic(values: np.ndarray, dtype, key: int, first: int = 0) -> np
     dtype = np.dtype(dtype)
     values = np.ascontiguousarray(values, FLOAT32)
     bits = values.reshape(-1).view(_U32)
-    r = random_bits(key, first, bits.size)
+    r = element_bits(dtype, key, first, bits.size)
     magnitude = bits & _U32(0x7FFFFFFF)
     nan = magnitude > _U32(0x7F800000)
     if dtype == BFLOAT16:

@@ -140,11 +140,14 @@ def decode_into(source, out_bits, bf16):
 
 @njit(**_inline)
 def encode_into(source_bits, out, bf16, stochastic, k0, k1, first):
-    """Narrow float32 bits into uint16 bits; element i takes the random bits of first + i."""
+    """Narrow float32 bits into uint16 bits; element i is element first + i of its array
+    (float16: the bits of counter first + i; bfloat16: a half of those of (first + i) // 2)."""
     if stochastic:
         if bf16:
             for i in range(source_bits.size):
-                out[i] = bf16_stochastic(U(source_bits[i]), random_bits(k0, k1, U(first + i)))
+                index = first + i
+                r = random_bits(k0, k1, U(index >> 1)) >> (U(16) * U(index & 1))
+                out[i] = bf16_stochastic(U(source_bits[i]), r)
         else:
             for i in range(source_bits.size):
                 out[i] = f16_stochastic(U(source_bits[i]), random_bits(k0, k1, U(first + i)))

@@ -25,6 +25,11 @@ from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, 
 from .._validation import check_no_overlap
 from ._numba_codecs import decode_into, encode_into
 
+#: sha256 (first 16 hex digits) of _numba_codecs.py. Numba invalidates a cached kernel when the
+#: file that defines it changes, not when a function it inlines from another file does: a test
+#: fails until this is updated after an edit there, and updating it invalidates the cache.
+CODECS_SOURCE_SHA256 = "c8d8596e149ae94f"
+
 CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
 #: Below this many elements the serial driver runs (same value as the C kernel's threshold).
 PARALLEL_THRESHOLD = 1 << 16
