@@ -82,26 +82,28 @@ static ALWAYS_INLINE uint16_t f16_stochastic(uint32_t x, uint32_t r) {
     return (uint16_t)(a > 0x7F800000u ? f16_nan(x) : (sign | value));
 }
 
-/* Two rounds of a 32-bit permutation (hash-prospector's lowbias32 family), keyed. */
-static ALWAYS_INLINE uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x21F0AAADu;
+/* hash-prospector's triple32: a 32-bit permutation with near-ideal avalanche. */
+static ALWAYS_INLINE uint32_t triple32(uint32_t x) {
+    x ^= x >> 17;
+    x *= 0xED5AD4BBu;
+    x ^= x >> 11;
+    x *= 0xAC4C1B51u;
     x ^= x >> 15;
-    x *= 0x735A2D97u;
-    x ^= x >> 15;
+    x *= 0x31848BABu;
+    x ^= x >> 14;
     return x;
 }
 
-/* k1 already holds the index's high word (k1 ^ high * 0x9E3779B9). */
-static ALWAYS_INLINE uint32_t random_bits(uint32_t k0, uint32_t k1, uint32_t index_low) {
-    return mix32(mix32(index_low ^ k0) ^ k1);
+/* k0 already holds the counter's high word (k0 ^ high * 0x9E3779B9). */
+static ALWAYS_INLINE uint32_t random_bits(uint32_t k0, uint32_t k1, uint32_t counter_low) {
+    return triple32(counter_low ^ k0) ^ k1;
 }
 
 /* -- loops, one copy per SIMD level ------------------------------------------------------- */
 
 typedef void (*decode_fn)(const uint16_t *, float *, size_t);
 typedef void (*encode_fn)(const float *, uint16_t *, size_t);
-/* (in, out, n, k0, k1, counter): k1 holds the counter's high word; `counter` is the 64-bit
+/* (in, out, n, k0, k1, counter): k0 holds the counter's high word; `counter` is the 64-bit
  * index of in[0] (float16: its counter is the element index; bfloat16: the element index, the
  * counter being index / 2), and the callee's 32-bit counter arithmetic does not wrap. */
 typedef void (*encode_stochastic_fn)(const float *, uint16_t *, size_t, uint32_t, uint32_t,
@@ -226,12 +228,14 @@ static TARGET_AVX2 void encode_bf16_nearest_avx2(const float *restrict in, uint1
     for (; i < n; ++i) out[i] = bf16_nearest(f32_bits(in[i]));
 }
 
-static ALWAYS_INLINE TARGET_AVX2 __m256i mix32_avx2(__m256i x) {
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x21F0AAAD));
+static ALWAYS_INLINE TARGET_AVX2 __m256i triple32_avx2(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 17));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0xED5AD4BBu));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 11));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0xAC4C1B51u));
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x735A2D97));
-    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x31848BABu));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 14));
 }
 
 static TARGET_AVX2 void encode_bf16_stochastic_avx2(const float *restrict in,
@@ -247,7 +251,7 @@ static TARGET_AVX2 void encode_bf16_stochastic_avx2(const float *restrict in,
                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (; i + 16 <= n; i += 16) {
         const __m256 a = _mm256_loadu_ps(in + i), b = _mm256_loadu_ps(in + i + 8);
-        const __m256i bits = mix32_avx2(_mm256_xor_si256(mix32_avx2(_mm256_xor_si256(counter, key0)), key1));
+        const __m256i bits = _mm256_xor_si256(triple32_avx2(_mm256_xor_si256(counter, key0)), key1);
         counter = _mm256_add_epi32(counter, _mm256_set1_epi32(8));
         if (any_nan_avx2(a, b)) {
             bf16_stochastic_pairs(in + i, out + i, 16, k0, k1, first + i);

@@ -104,7 +104,7 @@ static void encode_p16(const codecs16 *c, unsigned formats, uint32_t k0, uint32_
         const uint64_t counters_left = ((uint64_t)1 << 32) - (uint32_t)counter;
         const uint64_t room = bf16 ? 2 * counters_left - (first & 1u) : counters_left;
         const size_t part = (uint64_t)n < room ? n : (size_t)room;
-        c->stochastic[bf16](in, out, part, k0, k1 ^ ((uint32_t)(counter >> 32) * 0x9E3779B9u),
+        c->stochastic[bf16](in, out, part, k0 ^ ((uint32_t)(counter >> 32) * 0x9E3779B9u), k1,
                             first);
         in += part;
         out += part;

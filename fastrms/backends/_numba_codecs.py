@@ -112,19 +112,21 @@ def f16_stochastic(x, r):
 
 
 @njit(**_inline)
-def mix32(x):
-    x = x ^ (x >> U(16))
-    x = (x * U(0x21F0AAAD)) & MASK32
+def triple32(x):
+    x = x ^ (x >> U(17))
+    x = (x * U(0xED5AD4BB)) & MASK32
+    x = x ^ (x >> U(11))
+    x = (x * U(0xAC4C1B51)) & MASK32
     x = x ^ (x >> U(15))
-    x = (x * U(0x735A2D97)) & MASK32
-    return x ^ (x >> U(15))
+    x = (x * U(0x31848BAB)) & MASK32
+    return x ^ (x >> U(14))
 
 
 @njit(**_inline)
-def random_bits(k0, k1, index):
-    """32 random bits of a 64-bit element index (k0, k1: the key's low and high words)."""
-    high = (index >> U(32)) * U(0x9E3779B9) & MASK32
-    return mix32(mix32((index & MASK32) ^ k0) ^ k1 ^ high)
+def random_bits(k0, k1, counter):
+    """32 random bits of a 64-bit counter (k0, k1: the key's low and high words)."""
+    high = (counter >> U(32)) * U(0x9E3779B9) & MASK32
+    return triple32((counter & MASK32) ^ k0 ^ high) ^ k1
 
 
 @njit(**_inline)

@@ -359,7 +359,7 @@ def roofline_low_precision(flags, param, grad, square_avg, momentum_buffer=None,
 
 def decode_low_precision(values: np.ndarray) -> np.ndarray:
     """A float16 / bfloat16 array widened to float32 by the kernel's codec."""
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values, order="C")
     out = np.empty(values.shape, np.float32)
     if values.size:
         status = lib.fastrms_decode_p16(_PARAM_BF16 if values.dtype == BFLOAT16 else 0,
@@ -374,7 +374,7 @@ def decode_low_precision(values: np.ndarray) -> np.ndarray:
 def encode_low_precision(values: np.ndarray, dtype, key=None, first_index: int = 0) -> np.ndarray:
     """float32 ``values`` narrowed to ``dtype`` by the kernel's codec: nearest even, or
     stochastic rounding with ``key``, element i taking the random bits of first_index + i."""
-    values = np.ascontiguousarray(values, np.float32)
+    values = np.asarray(values, np.float32, order="C")
     out = np.empty(values.shape, dtype)
     if values.size:
         formats = _formats(out.dtype, None, key is not None, False)

@@ -28,7 +28,7 @@ from ._numba_codecs import decode_into, encode_into
 #: sha256 (first 16 hex digits) of _numba_codecs.py. Numba invalidates a cached kernel when the
 #: file that defines it changes, not when a function it inlines from another file does: a test
 #: fails until this is updated after an edit there, and updating it invalidates the cache.
-CODECS_SOURCE_SHA256 = "c8d8596e149ae94f"
+CODECS_SOURCE_SHA256 = "07d01756464b735c"
 
 CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
 #: Below this many elements the serial driver runs (same value as the C kernel's threshold).
@@ -455,7 +455,7 @@ def update_many_low_precision(coeffs, params, grads, square_avgs, momentum_buffe
 
 
 def decode_low_precision(values: np.ndarray) -> np.ndarray:
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values, order="C")
     out = np.empty(values.shape, np.uint32)
     _decode_array(values.reshape(-1).view(np.uint16), out.reshape(-1),
                   values.dtype == BFLOAT16)
@@ -463,7 +463,7 @@ def decode_low_precision(values: np.ndarray) -> np.ndarray:
 
 
 def encode_low_precision(values: np.ndarray, dtype, key=None, first_index: int = 0) -> np.ndarray:
-    values = np.ascontiguousarray(values, np.float32)
+    values = np.asarray(values, np.float32, order="C")
     out = np.empty(values.shape, dtype)
     key_value = 0 if key is None else int(key)
     _encode_array(values.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16),
