@@ -427,7 +427,7 @@ def describe() -> dict:
         "simd_level": simd_level(),
         "simd_level_max": SIMD_NAMES[lib.fastrms_max_simd_level()],
         "parallel_threshold": int(lib.fastrms_parallel_threshold()),
-        "conversion_instructions": conversion_instructions(),
+        "conversion_instructions": list(conversion_instructions()),
     }
 
 
