@@ -102,6 +102,8 @@ static ALWAYS_INLINE uint32_t random_bits(uint32_t k0, uint32_t k1, uint32_t cou
 /* -- loops, one copy per SIMD level ------------------------------------------------------- */
 
 typedef void (*decode_fn)(const uint16_t *, float *, size_t);
+/* Two streams at once (the param and the gradient of a block): one pass, not two. */
+typedef void (*decode_pair_fn)(const uint16_t *, const uint16_t *, float *, float *, size_t);
 typedef void (*encode_fn)(const float *, uint16_t *, size_t);
 /* (in, out, n, k0, k1, counter): k0 holds the counter's high word; `counter` is the 64-bit
  * index of in[0] (float16: its counter is the element index; bfloat16: the element index, the
@@ -134,6 +136,15 @@ static ALWAYS_INLINE void bf16_stochastic_pairs(const float *restrict in, uint16
                                           size_t n) {                                         \
         for (size_t i = 0; i < n; ++i) out[i] = f32_from_bits(f16_widen(in[i]));              \
     }                                                                                         \
+    static target void decode_pair_f16_##level(const uint16_t *restrict a,                    \
+                                               const uint16_t *restrict b,                    \
+                                               float *restrict a_out, float *restrict b_out,  \
+                                               size_t n) {                                    \
+        for (size_t i = 0; i < n; ++i) {                                                      \
+            a_out[i] = f32_from_bits(f16_widen(a[i]));                                        \
+            b_out[i] = f32_from_bits(f16_widen(b[i]));                                        \
+        }                                                                                     \
+    }                                                                                         \
     static target void encode_f16_nearest_##level(const float *restrict in,                   \
                                                   uint16_t *restrict out, size_t n) {         \
         for (size_t i = 0; i < n; ++i) out[i] = f16_nearest(f32_bits(in[i]));                 \
@@ -159,6 +170,15 @@ static ALWAYS_INLINE void bf16_stochastic_pairs(const float *restrict in, uint16
                                            size_t n) {                                        \
         for (size_t i = 0; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);         \
     }                                                                                         \
+    static target void decode_pair_bf16_##level(const uint16_t *restrict a,                   \
+                                                const uint16_t *restrict b,                   \
+                                                float *restrict a_out, float *restrict b_out, \
+                                                size_t n) {                                   \
+        for (size_t i = 0; i < n; ++i) {                                                      \
+            a_out[i] = f32_from_bits((uint32_t)a[i] << 16);                                   \
+            b_out[i] = f32_from_bits((uint32_t)b[i] << 16);                                   \
+        }                                                                                     \
+    }                                                                                         \
     static target void encode_bf16_nearest_##level(const float *restrict in,                  \
                                                    uint16_t *restrict out, size_t n) {        \
         for (size_t i = 0; i < n; ++i) out[i] = bf16_nearest(f32_bits(in[i]));                \
@@ -182,17 +202,31 @@ BF16_CODECS_FOR_LEVEL(avx512, TARGET_AVX512)
  * every vector), and these loops share the vector units with the float32 update. -------- */
 
 /* 16 bfloat16 -> float32: interleave zeros below each value, in element order. */
+static ALWAYS_INLINE TARGET_AVX2 void widen16_bf16_avx2(const uint16_t *in, float *out) {
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)in), 0xD8);
+    _mm256_storeu_si256((__m256i *)out, _mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
+}
+
 static TARGET_AVX2 void decode_bf16_avx2(const uint16_t *restrict in, float *restrict out,
                                          size_t n) {
-    const __m256i zero = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) widen16_bf16_avx2(in + i, out + i);
+    for (; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);
+}
+
+static TARGET_AVX2 void decode_pair_bf16_avx2(const uint16_t *restrict a,
+                                              const uint16_t *restrict b, float *restrict a_out,
+                                              float *restrict b_out, size_t n) {
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        const __m256i h =
-            _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)(in + i)), 0xD8);
-        _mm256_storeu_si256((__m256i *)(out + i), _mm256_unpacklo_epi16(zero, h));
-        _mm256_storeu_si256((__m256i *)(out + i + 8), _mm256_unpackhi_epi16(zero, h));
+        widen16_bf16_avx2(a + i, a_out + i);
+        widen16_bf16_avx2(b + i, b_out + i);
     }
-    for (; i < n; ++i) out[i] = f32_from_bits((uint32_t)in[i] << 16);
+    for (; i < n; ++i) {
+        a_out[i] = f32_from_bits((uint32_t)a[i] << 16);
+        b_out[i] = f32_from_bits((uint32_t)b[i] << 16);
+    }
 }
 
 static ALWAYS_INLINE TARGET_AVX2 __m256i bf16_round_avx2(__m256i x) {
@@ -314,6 +348,13 @@ static TARGET_AVX2_F16C void decode_f16_f16c_avx2(const uint16_t *restrict in,
                                                   float *restrict out, size_t n) {
     decode_f16_hw(in, out, n);
 }
+static TARGET_AVX2_F16C void decode_pair_f16_f16c_avx2(const uint16_t *restrict a,
+                                                       const uint16_t *restrict b,
+                                                       float *restrict a_out,
+                                                       float *restrict b_out, size_t n) {
+    decode_f16_hw(a, a_out, n);
+    decode_f16_hw(b, b_out, n);
+}
 static TARGET_AVX2_F16C void encode_f16_nearest_f16c_avx2(const float *restrict in,
                                                           uint16_t *restrict out, size_t n) {
     encode_f16_nearest_hw(in, out, n);
@@ -321,6 +362,13 @@ static TARGET_AVX2_F16C void encode_f16_nearest_f16c_avx2(const float *restrict 
 static TARGET_AVX512_F16C void decode_f16_f16c_avx512(const uint16_t *restrict in,
                                                       float *restrict out, size_t n) {
     decode_f16_hw(in, out, n);
+}
+static TARGET_AVX512_F16C void decode_pair_f16_f16c_avx512(const uint16_t *restrict a,
+                                                           const uint16_t *restrict b,
+                                                           float *restrict a_out,
+                                                           float *restrict b_out, size_t n) {
+    decode_f16_hw(a, a_out, n);
+    decode_f16_hw(b, b_out, n);
 }
 static TARGET_AVX512_F16C void encode_f16_nearest_f16c_avx512(const float *restrict in,
                                                               uint16_t *restrict out, size_t n) {

@@ -28,6 +28,7 @@ int fastrms_set_conversion_instructions(int enabled) {
 /* What the kernels at the current SIMD level use: one table of functions per call. */
 typedef struct {
     decode_fn decode[2]; /* [bfloat16] */
+    decode_pair_fn decode_pair[2];
     encode_fn nearest[2];
     encode_stochastic_fn stochastic[2];
     unscale_fn unscale;
@@ -42,6 +43,7 @@ static codecs16 codecs_now(void) {
     codecs16 c;
     if (level == SIMD_AVX512) {
         c = (codecs16){{decode_f16_avx512, decode_bf16_avx512},
+                       {decode_pair_f16_avx512, decode_pair_bf16_avx512},
                        {encode_f16_nearest_avx512, encode_bf16_nearest_avx512},
                        {encode_f16_stochastic_avx512, encode_bf16_stochastic_avx512},
                        unscale_avx512,
@@ -49,11 +51,13 @@ static codecs16 codecs_now(void) {
                        finite_avx512_f32};
         if (hardware && has_f16c) {
             c.decode[0] = decode_f16_f16c_avx512;
+            c.decode_pair[0] = decode_pair_f16_f16c_avx512;
             c.nearest[0] = encode_f16_nearest_f16c_avx512;
         }
         if (hardware && has_avx512bf16) c.nearest[1] = encode_bf16_nearest_avx512bf16;
     } else if (level == SIMD_AVX2) {
         c = (codecs16){{decode_f16_avx2, decode_bf16_avx2},
+                       {decode_pair_f16_avx2, decode_pair_bf16_avx2},
                        {encode_f16_nearest_avx2, encode_bf16_nearest_avx2},
                        {encode_f16_stochastic_avx2, encode_bf16_stochastic_avx2},
                        unscale_avx2,
@@ -61,10 +65,12 @@ static codecs16 codecs_now(void) {
                        finite_avx2_f32};
         if (hardware && has_f16c) {
             c.decode[0] = decode_f16_f16c_avx2;
+            c.decode_pair[0] = decode_pair_f16_f16c_avx2;
             c.nearest[0] = encode_f16_nearest_f16c_avx2;
         }
     } else {
         c = (codecs16){{decode_f16_baseline, decode_bf16_baseline},
+                       {decode_pair_f16_baseline, decode_pair_bf16_baseline},
                        {encode_f16_nearest_baseline, encode_bf16_nearest_baseline},
                        {encode_f16_stochastic_baseline, encode_bf16_stochastic_baseline},
                        unscale_baseline,
@@ -126,17 +132,18 @@ static void p16_range(const p16_stream_set *x, size_t lo, size_t hi) {
     for (size_t start = lo; start < hi; start += P16_BLOCK) {
         const size_t n = hi - start < P16_BLOCK ? hi - start : P16_BLOCK;
         float *p = param_block;
+        const float *g = grad_block;
+        if (formats & FASTRMS_GRAD_F32)
+            g = (const float *)x->grad + start;
         if (x->master)
             p = x->master + start;
-        else
+        if (p == param_block && g == grad_block)
+            c->decode_pair[bf16](x->param + start, (const uint16_t *)x->grad + start,
+                                 param_block, grad_block, n);
+        else if (p == param_block)
             c->decode[bf16](x->param + start, param_block, n);
-        const float *g;
-        if (formats & FASTRMS_GRAD_F32) {
-            g = (const float *)x->grad + start;
-        } else {
+        else if (g == grad_block)
             c->decode[bf16]((const uint16_t *)x->grad + start, grad_block, n);
-            g = grad_block;
-        }
         if (scaled) {
             c->unscale(g, grad_block, n, grad_scale, inverse);
             g = grad_block;
