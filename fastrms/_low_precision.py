@@ -31,16 +31,13 @@ def check_counter(name: str, value) -> int:
 
 def rounding_key(param_rounding, seed, step, master_param=None):
     """Validate the rounding arguments of a 16-bit update; return the stochastic rounding key,
-    or None for round to nearest even. ``seed`` and ``step`` are checked whenever given and are
-    required for ``param_rounding="stochastic"``, which excludes ``master_param`` (the master
-    copy is updated; the parameter receives its nearest 16-bit value)."""
+    or None for round to nearest even. ``seed`` and ``step`` are the stochastic rounding's
+    inputs: required and checked for ``param_rounding="stochastic"`` and read by nothing else
+    (an optimizer may pass them on every call). Stochastic rounding excludes ``master_param``
+    (the master copy is updated; the parameter receives its nearest 16-bit value)."""
     if not isinstance(param_rounding, str) or param_rounding not in PARAM_ROUNDINGS:
         raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got "
                          f"{param_rounding!r}")
-    if seed is not None:
-        seed = check_counter("seed", seed)
-    if step is not None:
-        step = check_counter("step", step)
     if param_rounding == "nearest":
         return None
     if master_param is not None:
@@ -51,15 +48,17 @@ def rounding_key(param_rounding, seed, step, master_param=None):
         if value is None:
             raise ValueError(f"{name} is required for param_rounding='stochastic' (the random "
                              f"bits are a function of seed, step and element index)")
-    return stochastic_key(seed, step)
+    return stochastic_key(check_counter("seed", seed), check_counter("step", step))
 
 
-def check_extras_for_float(param_rounding, seed, step, master_param) -> None:
+def check_extras_for_float(param_rounding, master_param) -> None:
     """The 16-bit-only arguments given with a float32 / float64 param (off the fast path)."""
     if master_param is not None:
         raise ValueError("master_param is only for float16 / bfloat16 params (it holds their "
                          "float32 copy); this param is already float32 or float64")
-    rounding_key(param_rounding, seed, step)
+    if not isinstance(param_rounding, str) or param_rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got "
+                         f"{param_rounding!r}")
     if param_rounding != "nearest":
         raise ValueError("param_rounding='stochastic' is only for float16 / bfloat16 params; "
                          "a float32 / float64 param is written exactly")

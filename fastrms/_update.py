@@ -38,7 +38,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     updated in float32 with float32 coefficients, and written back by ``param_rounding``:
     ``"nearest"`` (round to nearest even, as ``astype`` converts) or ``"stochastic"`` (unbiased
     stochastic rounding whose random bits are a function of ``seed``, ``step`` and the
-    element's C-order index, both ints in [0, 2**64) and then required). ``master_param``: a
+    element's C-order index: both required then, ints in [0, 2**64), and read by nothing
+    else). ``master_param``: a
     float32 copy of the parameter that the update runs on instead, ``param`` receiving its
     nearest 16-bit value.
 
@@ -71,9 +72,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
                 param_rounding=param_rounding, seed=seed, step=step, master_param=master_param,
                 momentum_buffer=momentum_buffer, grad_avg=grad_avg, backend=backend)
         dtype = check_param(param, accepted="float32, float64, float16 or bfloat16")
-    if (master_param is not None or param_rounding is not _NEAREST or seed is not None
-            or step is not None):
-        check_extras_for_float(param_rounding, seed, step, master_param)
+    if master_param is not None or param_rounding is not _NEAREST:
+        check_extras_for_float(param_rounding, master_param)
     last = _coefficients.last_call  # the same objects as the last call: its coefficients
     if (dtype is last[0] and lr is last[1] and alpha is last[2] and eps is last[3]
             and weight_decay is last[4] and momentum is last[5] and centered is last[6]
