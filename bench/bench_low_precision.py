@@ -143,7 +143,7 @@ def test_low_precision_update(benchmark, name, variant, n):
         pytest.skip(f"{name} is absent: {reason}")
     if name.startswith("torch") and n > 10**7:
         pytest.skip("torch on bfloat16 at 10^8 adds minutes and no information")
-    dtype, _, mode = IMPLEMENTATIONS[name]
+    dtype, backend, mode = IMPLEMENTATIONS[name]
     state = make_state(variant, dtype, n, mode)
     step = make_step(name, variant, state)
     with np.errstate(all="ignore"):
@@ -161,7 +161,7 @@ def test_low_precision_update(benchmark, name, variant, n):
     _best[(name, variant, n)] = best
     benchmark.extra_info["GB/s"] = round(moved / best / 1e9, 2)
     roofline = _best.get(("roofline-16", variant, n))
-    if roofline and name.startswith("bfloat16"):
+    if roofline and mode in ("nearest", "stochastic") and dtype.itemsize == 2 and backend:
         benchmark.extra_info["fraction_of_roofline_16"] = round(roofline / best, 3)
 
 
