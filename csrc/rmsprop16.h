@@ -6,7 +6,12 @@
  * the 16-bit streams; no update loop is compiled again. Included once by rmsprop.c, after the
  * float32 instantiation of rmsprop_kernel.h. */
 
-#define P16_BLOCK ((size_t)2048)
+/* Elements per block. Small blocks keep every stream moving: the passes over a block touch one
+ * stream at a time, and with blocks of 2048 the hardware prefetchers fell behind (measured at
+ * 10^7 on one thread: 256 ran 20% faster than 2048, and 3-10% slower in cache). */
+#define P16_BLOCK ((size_t)256)
+/* The finiteness check reads one stream: its blocks can be larger. */
+#define P16_FINITE_BLOCK ((size_t)2048)
 #define FASTRMS_ALL_FORMATS 15u
 
 static int has_f16c = -1, has_avx512bf16 = -1;
@@ -296,9 +301,9 @@ int fastrms_update_multi_p16(const struct fastrms_coeffs_f32 *coeffs, unsigned f
 
 static int p16_finite_range(const codecs16 *c, int bf16, const uint16_t *grad, size_t lo,
                             size_t hi, float grad_scale, float bound) {
-    float block[P16_BLOCK] __attribute__((aligned(64)));
-    for (size_t start = lo; start < hi; start += P16_BLOCK) {
-        const size_t n = hi - start < P16_BLOCK ? hi - start : P16_BLOCK;
+    float block[P16_FINITE_BLOCK] __attribute__((aligned(64)));
+    for (size_t start = lo; start < hi; start += P16_FINITE_BLOCK) {
+        const size_t n = hi - start < P16_FINITE_BLOCK ? hi - start : P16_FINITE_BLOCK;
         c->decode[bf16](grad + start, block, n);
         if (!c->finite(block, 0, n, grad_scale, bound)) return 0;
     }
