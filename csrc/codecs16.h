@@ -119,7 +119,8 @@ static ALWAYS_INLINE void bf16_stochastic_pairs(const float *restrict in, uint16
                                                 uint64_t first) {
     size_t i = 0;
     if (n && (first & 1u)) {
-        out[0] = bf16_stochastic(f32_bits(in[0]), random_bits(k0, k1, (uint32_t)(first >> 1)) >> 16);
+        const uint32_t r = random_bits(k0, k1, (uint32_t)(first >> 1));
+        out[0] = bf16_stochastic(f32_bits(in[0]), r >> 16);
         i = 1;
     }
     const uint32_t pair0 = (uint32_t)((first + i) >> 1);
@@ -128,7 +129,9 @@ static ALWAYS_INLINE void bf16_stochastic_pairs(const float *restrict in, uint16
         out[i] = bf16_stochastic(f32_bits(in[i]), r);
         out[i + 1] = bf16_stochastic(f32_bits(in[i + 1]), r >> 16);
     }
-    if (i < n) out[i] = bf16_stochastic(f32_bits(in[i]), random_bits(k0, k1, (uint32_t)((first + i) >> 1)));
+    if (i < n)
+        out[i] = bf16_stochastic(f32_bits(in[i]),
+                                 random_bits(k0, k1, (uint32_t)((first + i) >> 1)));
 }
 
 #define F16_CODECS_FOR_LEVEL(level, target)                                                   \
@@ -231,8 +234,8 @@ static TARGET_AVX2 void decode_pair_bf16_avx2(const uint16_t *restrict a,
 
 static ALWAYS_INLINE TARGET_AVX2 __m256i bf16_round_avx2(__m256i x) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb),
-                             16);
+    const __m256i biased = _mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF));
+    return _mm256_srli_epi32(_mm256_add_epi32(biased, lsb), 16);
 }
 
 /* Two vectors of 32-bit results (each < 2^16) -> 16 uint16 in element order. */
@@ -285,7 +288,8 @@ static TARGET_AVX2 void encode_bf16_stochastic_avx2(const float *restrict in,
                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (; i + 16 <= n; i += 16) {
         const __m256 a = _mm256_loadu_ps(in + i), b = _mm256_loadu_ps(in + i + 8);
-        const __m256i bits = _mm256_xor_si256(triple32_avx2(_mm256_xor_si256(counter, key0)), key1);
+        const __m256i bits =
+            _mm256_xor_si256(triple32_avx2(_mm256_xor_si256(counter, key0)), key1);
         counter = _mm256_add_epi32(counter, _mm256_set1_epi32(8));
         if (any_nan_avx2(a, b)) {
             bf16_stochastic_pairs(in + i, out + i, 16, k0, k1, first + i);
@@ -311,8 +315,8 @@ static TARGET_AVX2 void encode_bf16_stochastic_avx2(const float *restrict in,
                           "prefer-vector-width=512")))
 
 /* vcvtph2ps quiets a signalling NaN, NumPy does not: a vector holding a NaN goes portable. */
-static ALWAYS_INLINE TARGET_AVX2_F16C void decode_f16_hw(const uint16_t *restrict in, float *restrict out,
-                                        size_t n) {
+static ALWAYS_INLINE TARGET_AVX2_F16C void decode_f16_hw(const uint16_t *restrict in,
+                                                          float *restrict out, size_t n) {
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m128i h = _mm_loadu_si128((const __m128i *)(in + i));
@@ -329,8 +333,9 @@ static ALWAYS_INLINE TARGET_AVX2_F16C void decode_f16_hw(const uint16_t *restric
 /* vcvtps2ph sets the quiet bit of a NaN, NumPy keeps the payload as it is: NaNs go portable.
  * Everything else (ties, subnormal results, overflow to infinity) is IEEE round to nearest
  * even, which is what NumPy computes. */
-static ALWAYS_INLINE TARGET_AVX2_F16C void encode_f16_nearest_hw(const float *restrict in, uint16_t *restrict out,
-                                                size_t n) {
+static ALWAYS_INLINE TARGET_AVX2_F16C void encode_f16_nearest_hw(const float *restrict in,
+                                                                 uint16_t *restrict out,
+                                                                 size_t n) {
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 v = _mm256_loadu_ps(in + i);

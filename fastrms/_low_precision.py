@@ -94,7 +94,8 @@ def check_arrays_low_precision(param, grad, square_avg, momentum_buffer, grad_av
             raise ValueError("momentum_buffer is required when momentum > 0")
         _check_state("momentum_buffer", momentum_buffer, dtype, shape)
     elif momentum_buffer is not None:
-        raise ValueError("momentum_buffer was given but momentum is 0; pass momentum > 0 or drop it")
+        raise ValueError("momentum_buffer was given but momentum is 0; pass momentum > 0 or "
+                         "drop it")
     if centered:
         if grad_avg is None:
             raise ValueError("grad_avg is required when centered=True")

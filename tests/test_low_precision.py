@@ -326,14 +326,15 @@ def make_low_problem(rng, dtype, shape, options, grad_dtype, master, steps=2, sp
                 ).astype(np.float32)
 
     p32 = values(1)
-    state = {
-        "param": p32.astype(dtype),
-        "square_avg": np.abs(values(1)).astype(np.float32),
-        "momentum_buffer": values(1) if options["momentum"] else None,
-        "grad_avg": values(1) if options["centered"] else None,
-        "master_param": (p32 + values(1) * np.float32(1e-3)) if master else None,
-    }
-    grads = [values(3).astype(grad_dtype) for _ in range(steps)]
+    with np.errstate(over="ignore", invalid="ignore"):  # special values overflow float16
+        state = {
+            "param": p32.astype(dtype),
+            "square_avg": np.abs(values(1)).astype(np.float32),
+            "momentum_buffer": values(1) if options["momentum"] else None,
+            "grad_avg": values(1) if options["centered"] else None,
+            "master_param": (p32 + values(1) * np.float32(1e-3)) if master else None,
+        }
+        grads = [values(3).astype(grad_dtype) for _ in range(steps)]
     return state, grads
 
 

@@ -8,15 +8,23 @@ narrows the masked operations to 32-bit vector code). Float bits move through tw
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from .._codecs import BFLOAT16
+
+#: The Numba backend's compilation settings (numba_backend.py imports them): never fastmath.
+CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
+JIT = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
+_inline = dict(JIT, cache=False, inline="always")
+
 U = np.uint64
 MASK32 = U(0xFFFFFFFF)
-_inline = dict(inline="always", nogil=True, fastmath=False, error_model="numpy")
 
 
 @intrinsic
@@ -99,7 +107,8 @@ def f16_stochastic(x, r):
     sign = (x >> U(16)) & U(0x8000)
     a = x & U(0x7FFFFFFF)
     truncated = (a + (r & U(0x1FFF))) & U(0xFFFFE000)
-    normal = U(0x7C00) if truncated >= U(0x47800000) else ((truncated - U(0x38000000)) & MASK32) >> U(13)
+    normal = (U(0x7C00) if truncated >= U(0x47800000)
+              else ((truncated - U(0x38000000)) & MASK32) >> U(13))
     e = a >> U(23)
     m = (a & U(0x7FFFFF)) | (U(0x800000) if e != U(0) else U(0))
     s = (U(126) - (e if e != U(0) else U(1))) & MASK32
@@ -159,3 +168,34 @@ def encode_into(source_bits, out, bf16, stochastic, k0, k1, first):
     else:
         for i in range(source_bits.size):
             out[i] = f16_nearest(U(source_bits[i]))
+
+
+@njit(**JIT)
+def _decode_array(source, out_bits, bf16):
+    decode_into(source, out_bits, bf16)
+
+
+@njit(**JIT)
+def _encode_array(source_bits, out, bf16, stochastic, key, first):
+    encode_into(source_bits, out, bf16, stochastic, key[0], key[1], first)
+
+
+def decode_low_precision(values: np.ndarray) -> np.ndarray:
+    """A float16 / bfloat16 array widened to float32 (the backend's codec entry point)."""
+    values = np.asarray(values, order="C")
+    out = np.empty(values.shape, np.uint32)
+    _decode_array(values.reshape(-1).view(np.uint16), out.reshape(-1),
+                  values.dtype == BFLOAT16)
+    return out.view(np.float32)
+
+
+def encode_low_precision(values: np.ndarray, dtype, key=None, first_index: int = 0) -> np.ndarray:
+    """float32 narrowed to ``dtype``: nearest even, or stochastic rounding with ``key``."""
+    values = np.asarray(values, np.float32, order="C")
+    out = np.empty(values.shape, dtype)
+    key_value = 0 if key is None else int(key)
+    _encode_array(values.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16),
+                  out.dtype == BFLOAT16, key is not None,
+                  (np.uint64(key_value & 0xFFFFFFFF), np.uint64(key_value >> 32)),
+                  int(first_index))
+    return out

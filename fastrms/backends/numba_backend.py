@@ -6,8 +6,9 @@ without the rarer options (8 copies, below). Small arrays call it directly (a
 cache-line-aligned chunks, one call per chunk. Options are run-time arguments, so each driver
 compiles once per dtype.
 
-Compilation settings live in this one place: ``nogil=True``, never ``fastmath`` (it would
-reassociate and fuse, breaking bit-identity), and ``cache=True`` unless ``FASTRMS_NUMBA_CACHE=0``.
+Compilation settings live in one place, ``JIT`` in _numba_codecs.py (which this module imports
+and the 16-bit codecs there use too): ``nogil=True``, never ``fastmath`` (it would reassociate
+and fuse, breaking bit-identity), and ``cache=True`` unless ``FASTRMS_NUMBA_CACHE=0``.
 Numba caches ``parallel=True`` functions too; tests/test_numba_cache.py proves a fresh process
 loads them and gets the same bits.
 """
@@ -23,18 +24,17 @@ from .._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
 from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
                              NESTEROV, WD_COUPLED, WD_DECOUPLED)
 from .._validation import check_no_overlap
-from ._numba_codecs import decode_into, encode_into
+from ._numba_codecs import (CACHE, JIT as _jit, decode_into, decode_low_precision,
+                            encode_into, encode_low_precision)
 
 #: sha256 (first 16 hex digits) of _numba_codecs.py. Numba invalidates a cached kernel when the
 #: file that defines it changes, not when a function it inlines from another file does: a test
 #: fails until this is updated after an edit there, and updating it invalidates the cache.
-CODECS_SOURCE_SHA256 = "07d01756464b735c"
+CODECS_SOURCE_SHA256 = "34c5577702c81279"
 
-CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
 #: Below this many elements the serial driver runs (same value as the C kernel's threshold).
 PARALLEL_THRESHOLD = 1 << 16
 
-_jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
 
 
 # One loop source, inlined (Numba IR inlining, inline="always") at call sites where the stream
@@ -252,16 +252,6 @@ def _count_nonfinite_chunks_16(G, bf16, chunk, grad_scale, bound):
     return found
 
 
-@njit(**_jit)
-def _decode_array(source, out_bits, bf16):
-    decode_into(source, out_bits, bf16)
-
-
-@njit(**_jit)
-def _encode_array(source_bits, out, bf16, stochastic, key, first):
-    encode_into(source_bits, out, bf16, stochastic, key[0], key[1], first)
-
-
 @njit(parallel=True, **_jit)
 def _roofline_low_precision_parallel(P, G, S, B, A, centered, use_momentum):
     for i in prange(P.size):
@@ -452,25 +442,6 @@ def update_many_low_precision(coeffs, params, grads, square_avgs, momentum_buffe
                              grad_avgs[k] if grad_avgs is not None else None,
                              master_params[k] if master_params is not None else None,
                              None if keys is None else int(keys[k]))
-
-
-def decode_low_precision(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, order="C")
-    out = np.empty(values.shape, np.uint32)
-    _decode_array(values.reshape(-1).view(np.uint16), out.reshape(-1),
-                  values.dtype == BFLOAT16)
-    return out.view(np.float32)
-
-
-def encode_low_precision(values: np.ndarray, dtype, key=None, first_index: int = 0) -> np.ndarray:
-    values = np.asarray(values, np.float32, order="C")
-    out = np.empty(values.shape, dtype)
-    key_value = 0 if key is None else int(key)
-    _encode_array(values.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16),
-                  out.dtype == BFLOAT16, key is not None,
-                  (np.uint64(key_value & 0xFFFFFFFF), np.uint64(key_value >> 32)),
-                  int(first_index))
-    return out
 
 
 def roofline_low_precision(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
