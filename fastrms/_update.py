@@ -39,9 +39,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     ``"nearest"`` (round to nearest even, as ``astype`` converts) or ``"stochastic"`` (unbiased
     stochastic rounding whose random bits are a function of ``seed``, ``step`` and the
     element's C-order index: both required then, ints in [0, 2**64), and read by nothing
-    else). ``master_param``: a
-    float32 copy of the parameter that the update runs on instead, ``param`` receiving its
-    nearest 16-bit value.
+    else). ``master_param``: a float32 copy of the parameter that the update runs on instead,
+    ``param`` receiving its nearest 16-bit value.
 
     Every argument is checked before anything is written; bad input raises ``TypeError`` or
     ``ValueError`` naming the argument and leaves every array untouched.

@@ -1449,8 +1449,7 @@ _MASKED_CODE = textwrap.dedent("""
     import warnings
     import numpy as np
     import fastrms
-    from fastrms._codecs import LOW_PRECISION_DTYPES
-from fastrms.backends.numpy_reference import reference_step, reference_step_low_precision
+    from fastrms.backends.numpy_reference import reference_step
     warnings.simplefilter("error")
     base = (np.arange(9, dtype=np.float32).reshape(3, 3) - 4) / 3
     P, S = base.copy(), np.ones((3, 3), np.float32)

@@ -75,12 +75,12 @@ def all_finite(coeffs, grads) -> bool:
     """True when every gradient, divided by the loss scale when there is one, is finite."""
     scale = coeffs.scalars[-2]
     with np.errstate(all="ignore"):
-        return all(bool(np.isfinite(_widened(g, coeffs.dtype) / scale
-                                    if coeffs.flags & GRAD_SCALE else g).all())
+        return all(bool(np.isfinite(_widened(g) / scale if coeffs.flags & GRAD_SCALE else g)
+                        .all())
                    for g in grads)
 
 
-def _widened(grad, dtype):
+def _widened(grad):
     """A 16-bit gradient in its compute dtype (float32); others as they are."""
     return _codecs.decode(grad) if grad.dtype in _codecs.LOW_PRECISION_DTYPES else grad
 
