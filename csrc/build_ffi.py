@@ -37,7 +37,7 @@ ffibuilder.set_source(
     '#include "fastrms.h"',
     sources=["csrc/rmsprop.c"],
     include_dirs=["csrc"],
-    depends=["csrc/fastrms.h", "csrc/rmsprop_kernel.h"],
+    depends=["csrc/fastrms.h", "csrc/rmsprop_kernel.h", "csrc/codecs16.h", "csrc/rmsprop16.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     libraries=["m"],

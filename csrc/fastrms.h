@@ -82,3 +82,41 @@ int fastrms_openmp_enabled(void);
 size_t fastrms_parallel_threshold(void);
 /* Called in a child after fork(): GNU OpenMP's thread pool does not survive fork. */
 void fastrms_after_fork_in_child(void);
+
+/* -- 16-bit parameters: float16 or bfloat16 param (and grad), float32 state ------------------
+ * Each element is widened to float32 (exact), updated by the float32 kernel with float32
+ * coefficients, and the new value narrowed to 16 bits. `formats` is a bitwise OR of these: */
+#define FASTRMS_PARAM_BF16 1  /* param is bfloat16; else float16 */
+#define FASTRMS_GRAD_F32 2    /* grad is float32; else the param's 16-bit format */
+#define FASTRMS_STOCHASTIC 4  /* stochastic rounding with the key; else round to nearest even */
+#define FASTRMS_MASTER 8      /* master_param (float32) is updated; param gets its nearest value */
+#define FASTRMS_BAD_FORMATS -6
+
+/* `key`: the stochastic rounding key (fastrms/_codecs.py stochastic_key); its random bits for
+ * element i come from (key, i), whatever the threads and SIMD level. master_param may be NULL
+ * unless FASTRMS_MASTER is set; FASTRMS_MASTER and FASTRMS_STOCHASTIC exclude each other. */
+int fastrms_update_p16(const struct fastrms_coeffs_f32 *coeffs, unsigned flags, unsigned formats,
+                       uint64_t key, uint16_t *param, const void *grad, float *square_avg,
+                       float *momentum_buffer, float *grad_avg, float *master_param, size_t n);
+/* Many tensors in one call and one thread team; keys may be NULL unless FASTRMS_STOCHASTIC. */
+int fastrms_update_multi_p16(const struct fastrms_coeffs_f32 *coeffs, unsigned flags,
+                             unsigned formats, const uint64_t *keys, uint16_t **params,
+                             void **grads, float **square_avgs, float **momentum_buffers,
+                             float **grad_avgs, float **master_params, const size_t *lengths,
+                             size_t count);
+/* fastrms_all_finite_multi_f32 for 16-bit gradients (FASTRMS_PARAM_BF16 in formats: bfloat16). */
+int fastrms_all_finite_multi_p16(uint16_t **grads, const size_t *lengths, size_t count,
+                                 unsigned formats, float grad_scale);
+/* The codecs alone: widen n values; narrow n values (element i with the random bits of index
+ * first_index + i). Only FASTRMS_PARAM_BF16 and FASTRMS_STOCHASTIC of formats are read. */
+int fastrms_decode_p16(unsigned formats, const uint16_t *in, float *out, size_t n);
+int fastrms_encode_p16(unsigned formats, uint64_t key, uint64_t first_index, const float *in,
+                       uint16_t *out, size_t n);
+/* The roofline of the 16-bit update: 16-bit param and grad, float32 state. */
+int fastrms_roofline_p16(unsigned flags, uint16_t *param, const uint16_t *grad,
+                         float *square_avg, float *momentum_buffer, float *grad_avg, size_t n);
+/* 0: the portable conversions only; 1 (default): F16C and AVX512-BF16 instructions where the
+ * CPU has them and the SIMD level allows. Same bits either way. Returns the setting now. */
+int fastrms_set_conversion_instructions(int enabled);
+/* Bit 0: F16C is used now; bit 1: AVX512-BF16 is used now. */
+int fastrms_conversion_instructions(void);

@@ -1,9 +1,12 @@
 /* fastrms: the fused RMSProp update, float32 and float64, SIMD chosen at run time, OpenMP threads.
- * The arithmetic lives in rmsprop_kernel.h; this file holds what both element types share. */
+ * The arithmetic lives in rmsprop_kernel.h; this file holds what both element types share.
+ * 16-bit parameters (codecs16.h, rmsprop16.h) reuse the float32 instantiation. */
 #include <stddef.h>
 #include <stdint.h>
 #include <float.h>
 #include <math.h>
+#include <string.h>
+#include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -149,3 +152,6 @@ static int first_overlap(const void *const buffers[5], size_t nbytes) {
 #undef SQRT
 #undef ABS
 #undef T_MAX
+
+#include "codecs16.h"
+#include "rmsprop16.h"

@@ -13,6 +13,8 @@ from numbers import Real
 
 import numpy as np
 
+from ._codecs import LOW_PRECISION_DTYPES
+
 # Option flags; the same values as the FASTRMS_* constants in csrc/fastrms.h (a test pins them).
 MAXIMIZE = 1
 CENTERED = 2
@@ -93,6 +95,9 @@ def kernel_coefficients(dtype, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momen
                         nesterov=False, decoupled_weight_decay=False,
                         grad_scale=None) -> Coefficients:
     """Validate hyperparameters and return the coefficients for arrays of ``dtype``.
+
+    A 16-bit parameter dtype (float16, bfloat16) computes in float32: its coefficients are the
+    float32 ones (``.dtype`` is float32).
 
     ``grad_scale`` (a loss scale; None or 1 for none) makes the kernels divide each gradient by
     it first, in the dtype. Raises ``TypeError`` / ``ValueError`` naming the offending
@@ -199,8 +204,10 @@ def coefficient_arithmetic(float32: bool, lr: float, alpha: float, eps: float,
 def _compute(dtype, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
              lr_in_momentum, nesterov, decoupled_weight_decay, grad_scale=None) -> Coefficients:
     dtype = np.dtype(dtype)
+    if dtype in LOW_PRECISION_DTYPES:  # 16-bit parameters compute in float32
+        dtype = FLOAT_DTYPES[0]
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
     lr = _check_hyperparameter("lr", lr)
     alpha = _check_hyperparameter("alpha", alpha)
     eps = _check_hyperparameter("eps", eps)

@@ -5,19 +5,23 @@ import numpy as np
 
 from . import _dispatch
 from . import _coefficients
+from ._codecs import LOW_PRECISION_DTYPES
 from ._coefficients import FLOAT_DTYPES
+from ._low_precision import check_extras_for_float, rmsprop_update_low_precision
 from ._validation import (check_arrays, check_no_internal_overlap, check_no_overlap,
                           check_param, check_writeable, is_kernel_ready)
 from .backends import numpy_reference
 
 _ndarray = np.ndarray
 _FLOAT32, _FLOAT64 = FLOAT_DTYPES
+_NEAREST = "nearest"
 
 
 def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
                    momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
                    lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
-                   momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None):
+                   momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None,
+                   param_rounding="nearest", seed=None, step=None, master_param=None):
     """One RMSProp step, in place, in one fused pass over memory.
 
     Updates ``param``, ``square_avg`` and, when used, ``momentum_buffer`` (required exactly when
@@ -27,7 +31,16 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     coupled (L2) weight decay.
 
     ``grad_scale``: a loss scale to undo. The kernel divides each gradient element by it (in the
-    array dtype) before anything else, which gives the bits of passing ``grad / grad_scale``.
+    compute dtype) before anything else, which gives the bits of passing ``grad / grad_scale``.
+
+    16-bit parameters (``numpy.float16``, ``ml_dtypes.bfloat16``): ``grad`` has the param's
+    dtype or float32, the state arrays are float32. Each element is widened to float32 (exact),
+    updated in float32 with float32 coefficients, and written back by ``param_rounding``:
+    ``"nearest"`` (round to nearest even, as ``astype`` converts) or ``"stochastic"`` (unbiased
+    stochastic rounding whose random bits are a function of ``seed``, ``step`` and the
+    element's C-order index: both required then, ints in [0, 2**64), and read by nothing
+    else). ``master_param``: a float32 copy of the parameter that the update runs on instead,
+    ``param`` receiving its nearest 16-bit value.
 
     Every argument is checked before anything is written; bad input raises ``TypeError`` or
     ``ValueError`` naming the argument and leaves every array untouched.
@@ -38,15 +51,30 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         >>> fastrms.rmsprop_update(p, g, s, lr=0.01, alpha=0.9, eps_in_sqrt=True)
         >>> p.round(8)
         array([0.23162277, 0.36837724, 0.56837725])
+        >>> import ml_dtypes
+        >>> w = np.ones(4, ml_dtypes.bfloat16); s32 = np.zeros(4, np.float32)
+        >>> fastrms.rmsprop_update(w, np.full(4, 0.5, ml_dtypes.bfloat16), s32, lr=0.01,
+        ...                        param_rounding="stochastic", seed=0, step=1)
+        >>> bool((w < 1).all())
+        True
     """
     # Exact type and dtype identity tests accept the common case cheaply; anything else goes to
     # the full validators, which raise the precise errors. On small arrays the checks are a
     # large part of the whole cost of a call.
     dtype = param.dtype if type(param) is _ndarray else None
     if dtype is not _FLOAT32 and dtype is not _FLOAT64:
-        dtype = check_param(param)
+        if isinstance(param, _ndarray) and param.dtype in LOW_PRECISION_DTYPES:
+            return rmsprop_update_low_precision(
+                param, grad, square_avg, (lr, alpha, eps, weight_decay, momentum, centered,
+                                          maximize, eps_in_sqrt, lr_in_momentum, nesterov,
+                                          decoupled_weight_decay, grad_scale),
+                param_rounding=param_rounding, seed=seed, step=step, master_param=master_param,
+                momentum_buffer=momentum_buffer, grad_avg=grad_avg, backend=backend)
+        dtype = check_param(param, accepted="float32, float64, float16 or bfloat16")
         if type(param) is not _ndarray:  # a subclass is updated as the plain memory it holds
             param = param.view(_ndarray)
+    if master_param is not None or param_rounding is not _NEAREST:
+        check_extras_for_float(param_rounding, master_param)
     last = _coefficients.last_call  # the same objects as the last call: its coefficients
     if (dtype is last[0] and lr is last[1] and alpha is last[2] and eps is last[3]
             and weight_decay is last[4] and momentum is last[5] and centered is last[6]

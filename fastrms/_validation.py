@@ -5,17 +5,18 @@ import numpy as np
 
 from ._coefficients import FLOAT_DTYPES
 
-STREAM_NAMES = ("param", "grad", "square_avg", "momentum_buffer", "grad_avg")
+STREAM_NAMES = ("param", "grad", "square_avg", "momentum_buffer", "grad_avg", "master_param")
 _ndarray = np.ndarray
 
 
-def check_param(param, name: str = "param") -> np.dtype:
-    """Check that a parameter is a float32 / float64 ndarray; return its dtype."""
+def check_param(param, name: str = "param", accepted: str = "float32 or float64") -> np.dtype:
+    """Check that a parameter is a float32 / float64 ndarray; return its dtype. ``accepted``
+    is what the error message says the caller takes."""
     if not isinstance(param, _ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(param).__name__}")
     dtype = param.dtype
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), got {dtype}")
+        raise TypeError(f"{name} must have dtype {accepted} (native byte order), got {dtype}")
     return dtype
 
 
@@ -77,9 +78,11 @@ def check_writeable(param, square_avg, momentum_buffer=None, grad_avg=None) -> N
             raise ValueError(f"{name} is read-only; it is updated in place and must be writeable")
 
 
-def check_no_overlap(param, grad, square_avg, momentum_buffer=None, grad_avg=None) -> None:
+def check_no_overlap(param, grad, square_avg, momentum_buffer=None, grad_avg=None,
+                     master_param=None) -> None:
     """Raise ValueError naming the first two arrays that share memory (exact, any strides)."""
-    arrays = [(n, a) for n, a in zip(STREAM_NAMES, (param, grad, square_avg, momentum_buffer, grad_avg))
+    arrays = [(n, a) for n, a in zip(STREAM_NAMES, (param, grad, square_avg, momentum_buffer,
+                                                    grad_avg, master_param))
               if a is not None and a.size]
     for i, (name_a, a) in enumerate(arrays):
         for name_b, b in arrays[i + 1:]:

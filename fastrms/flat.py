@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._codecs import LOW_PRECISION_DTYPES
 from ._coefficients import FLOAT_DTYPES
+
+#: The dtypes FlatParams packs: float32, float64, float16 and bfloat16.
+PARAM_DTYPES = FLOAT_DTYPES + LOW_PRECISION_DTYPES
 
 
 class FlatParams:
@@ -19,7 +23,8 @@ class FlatParams:
     ``step()`` on an optimizer built from this object. ``params`` and ``grads`` are tuples, so a
     view cannot be replaced by another array by mistake.
 
-    float32 and float64 arrays may mix; each dtype gets its own pair of buffers, in
+    float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays may mix; each dtype
+    gets its own pair of buffers (a 16-bit dtype's gradient buffer has that dtype too), in
     :attr:`dtypes` order, holding its arrays in input order with no padding.
 
     Example:
@@ -45,9 +50,9 @@ class FlatParams:
             if not isinstance(array, np.ndarray):
                 raise TypeError(f"arrays[{index}] must be a numpy.ndarray, got "
                                 f"{type(array).__name__}")
-            if array.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"arrays[{index}] must have dtype float32 or float64 "
-                                f"(native byte order), got {array.dtype}")
+            if array.dtype not in PARAM_DTYPES:
+                raise TypeError(f"arrays[{index}] must have dtype float32, float64, float16 or "
+                                f"bfloat16 (native byte order), got {array.dtype}")
             totals[array.dtype] = totals.get(array.dtype, 0) + array.size
         #: The dtypes present, in order of first appearance.
         self.dtypes = tuple(totals)

@@ -23,7 +23,7 @@ DTYPES = (np.float32, np.float64)
 #: thread slice / chunk boundary and the vector remainder loop are exercised.
 LARGE = 65536 * 2 + 5
 STATE_NAMES = ("param", "square_avg", "momentum_buffer", "grad_avg")
-_UINT = {4: np.uint32, 8: np.uint64}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 # --------------------------------------------------------------------------------------------

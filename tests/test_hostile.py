@@ -47,7 +47,8 @@ from hypothesis import HealthCheck, event, given, settings
 
 import fastrms
 from fastrms import _coefficients
-from fastrms.backends.numpy_reference import reference_step
+from fastrms._codecs import LOW_PRECISION_DTYPES
+from fastrms.backends.numpy_reference import reference_step, reference_step_low_precision
 from fastrms.presets import PRESETS
 
 from rms_helpers import BACKENDS, assert_bits_equal, require_backend, run_python, special_values
@@ -261,6 +262,8 @@ class Hyper:
 
     def cast_overflow(self, dtype) -> bool:
         """B2: valid finite hyperparameters whose coefficient in ``dtype`` is not finite."""
+        if np.dtype(dtype) in LOW_PRECISION_DTYPES:  # their coefficients are float32
+            dtype = F4
         if np.dtype(dtype) not in (F4, np.dtype(np.float64)) or self.status == INVALID:
             return False
         f = self.floats
@@ -516,16 +519,21 @@ def non_array(kind, like):
 
 
 def array_status(P, G, S, B, A, hyper: Hyper) -> int:
-    """INVALID if the arrays break the contract, VALID otherwise (given the hyperparameters)."""
-    if not isinstance(P, np.ndarray) or P.dtype not in FLOATS:
+    """INVALID if the arrays break the contract, VALID otherwise (given the hyperparameters).
+    A float16 / bfloat16 param takes a gradient of its dtype or float32 and float32 state."""
+    low = isinstance(P, np.ndarray) and P.dtype in LOW_PRECISION_DTYPES
+    if not isinstance(P, np.ndarray) or (P.dtype not in FLOATS and not low):
         return INVALID
-    for X in (G, S):
-        if not isinstance(X, np.ndarray) or X.dtype != P.dtype or X.shape != P.shape:
-            return INVALID
+    grad_dtypes = (P.dtype, F4) if low else (P.dtype,)
+    state_dtype = F4 if low else P.dtype
+    if not isinstance(G, np.ndarray) or G.dtype not in grad_dtypes or G.shape != P.shape:
+        return INVALID
+    if not isinstance(S, np.ndarray) or S.dtype != state_dtype or S.shape != P.shape:
+        return INVALID
     for X, needed in ((B, hyper.uses_momentum), (A, hyper.centered)):
         if needed != (X is not None):
             return INVALID
-        if X is not None and (not isinstance(X, np.ndarray) or X.dtype != P.dtype
+        if X is not None and (not isinstance(X, np.ndarray) or X.dtype != state_dtype
                               or X.shape != P.shape):
             return INVALID
     for X in (P, S, B, A):
@@ -547,7 +555,10 @@ def check_update_success(label, hyper, P, G, S, B, A, before):
     P0, G0, S0, B0, A0 = before
     coeffs = quiet(lambda: fastrms.kernel_coefficients(P0.dtype, **{
         k: v for k, v in hyper.values.items() if k in NUMERIC + FLAGS and v is not MISSING}))
-    p, s, b, a = quiet(lambda: reference_step(coeffs, P0, G0, S0, B0, A0))
+    if P0.dtype in LOW_PRECISION_DTYPES:
+        p, s, b, a, _ = quiet(lambda: reference_step_low_precision(coeffs, P0, G0, S0, B0, A0))
+    else:
+        p, s, b, a = quiet(lambda: reference_step(coeffs, P0, G0, S0, B0, A0))
     assert_bits_equal(P, p, f"{label}: param")
     assert_bits_equal(S, s, f"{label}: square_avg")
     if b is not None:
@@ -817,7 +828,7 @@ def test_update_hostile_dtypes_and_shapes(backend, data):
     expected = hyper.status
     if expected != INVALID:
         expected = max(expected, array_status(P, G, S, B, A, hyper))
-    ignore = P.dtype in FLOATS and hyper.cast_overflow(P.dtype)
+    ignore = (P.dtype in FLOATS or P.dtype in LOW_PRECISION_DTYPES) and hyper.cast_overflow(P.dtype)
     if ignore and expected != INVALID:
         expected = EITHER
     kwargs = hyper.kwargs()

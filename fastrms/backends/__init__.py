@@ -16,6 +16,18 @@ Each backend module provides
   objects (all but the gradients): a backend may keep per-list conversions in it.
 - ``roofline(flags, param, grad, square_avg, momentum_buffer, grad_avg)`` (compiled backends):
   the same streams with trivial arithmetic, for benchmarks.
+- 16-bit parameters (float16, ``ml_dtypes.bfloat16``), with the float32 coefficients
+  ``kernel_coefficients(param.dtype, ...)`` returns for them:
+  ``update_low_precision(coeffs, param, grad, square_avg, momentum_buffer, grad_avg,
+  master_param=None, key=None)``: ``grad`` of the param's dtype or float32, the state and
+  ``master_param`` float32, all C-contiguous and aligned (the reference takes any strides);
+  ``key`` (an int from ``fastrms._codecs.stochastic_key``) asks for stochastic rounding, None
+  for nearest; ``master_param`` excludes ``key``. ``update_many_low_precision(coeffs, params,
+  grads, square_avgs, momentum_buffers, grad_avgs, master_params=None, keys=None, *,
+  cache=None)``: the same over lists (params of one dtype; ``keys`` one per array).
+  ``all_finite`` takes 16-bit gradients with float32 coefficients.
+  ``decode_low_precision(values)`` / ``encode_low_precision(values, dtype, key=None,
+  first_index=0)``: the codecs alone; ``roofline_low_precision`` (compiled backends).
 - ``set_num_threads(n)`` and ``describe()``, a dict for :func:`fastrms.info`.
 
 Modules are imported on first use, so ``import fastrms`` never imports Numba. Tests take their

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from .._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
 from .._coefficients import CENTERED, MOMENTUM, Coefficients
 from .._validation import check_no_overlap
 
@@ -36,6 +37,14 @@ _ENTRY = {
 _from_buffer = ffi.from_buffer
 _NULL = ffi.NULL
 _MISALIGNED = lib.FASTRMS_MISALIGNED
+_U16 = ffi.typeof("uint16_t[]")
+_F32_BUFFER = _ENTRY[_F32][3]
+_PARAM_BF16 = lib.FASTRMS_PARAM_BF16
+_ONLY_F32 = {_F32}
+
+
+def _get_dtype(array):
+    return array.dtype
 
 
 def _prepared(coeffs: Coefficients) -> tuple:
@@ -162,9 +171,15 @@ def _update_many(coeffs, params, grad_pointers, square_avgs, momentum_buffers, g
 
 def all_finite(coeffs, grads) -> bool:
     """True when every gradient, divided by the loss scale (1 for none), is finite: one C call,
-    one thread team, reading only. The gradients are C-contiguous arrays of coeffs.dtype."""
+    one thread team, reading only. The gradients are C-contiguous arrays of coeffs.dtype; with
+    float32 coefficients (those of a 16-bit parameter) they may also be float16 or bfloat16,
+    mixed in any way."""
     if not grads:
         return True
+    if coeffs.dtype is _F32:
+        dtypes = set(map(_get_dtype, grads))
+        if dtypes != _ONLY_F32:
+            return _all_finite_mixed(coeffs, grads, dtypes)
     _, _, _, buffer_type, pointer_array_type, _, fn = _ENTRY[coeffs.dtype]
     keep = []
     pointers = _pointer_array(pointer_array_type, buffer_type, grads, keep)
@@ -173,6 +188,25 @@ def all_finite(coeffs, grads) -> bool:
     if status < 0:
         raise RuntimeError(f"fastrms C finiteness check rejected the call (status {status})")
     return status == 1
+
+
+def _all_finite_mixed(coeffs, grads, dtypes) -> bool:
+    for dtype in dtypes:
+        group = [g for g in grads if g.dtype == dtype]
+        if dtype not in LOW_PRECISION_DTYPES:
+            if not all_finite(coeffs, group):
+                return False
+            continue
+        keep = []
+        pointers = _pointer_array("uint16_t *[]", _U16, group, keep)
+        status = lib.fastrms_all_finite_multi_p16(
+            pointers, ffi.new("size_t[]", [g.size for g in group]), len(group),
+            _PARAM_BF16 if dtype == BFLOAT16 else 0, coeffs.values[-2])
+        if status < 0:
+            raise RuntimeError(f"fastrms C finiteness check rejected the call (status {status})")
+        if status == 0:
+            return False
+    return True
 
 
 def _cached_pointer_array(cache, index, pointer_array_type, buffer_type, arrays, keep):
@@ -197,6 +231,171 @@ def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None
                 _NULL if grad_avg is None else _from_buffer(buffer_type, grad_avg), param.size)
     if status:
         _raise_for(status, (param, grad, square_avg, momentum_buffer, grad_avg))
+
+
+# -- 16-bit parameters (float16 / bfloat16) with float32 state --------------------------------
+
+
+def _formats(param_dtype, grad_dtype, stochastic: bool, master: bool) -> int:
+    formats = _PARAM_BF16 if param_dtype == BFLOAT16 else 0
+    if grad_dtype == FLOAT32:
+        formats |= lib.FASTRMS_GRAD_F32
+    if stochastic:
+        formats |= lib.FASTRMS_STOCHASTIC
+    if master:
+        formats |= lib.FASTRMS_MASTER
+    return formats
+
+
+def _buffer_type(array):
+    return _F32_BUFFER if array.dtype == FLOAT32 else _U16
+
+
+def update_low_precision(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None,
+                         master_param=None, key=None):
+    """One step of a float16 / bfloat16 ``param`` (the registry's contract, see
+    fastrms/backends/__init__.py): ``coeffs`` are float32; ``grad`` has the param's dtype or
+    float32; the state and ``master_param`` are float32; every array is C-contiguous, aligned
+    and (outputs) writeable. ``key`` (an int, fastrms._codecs.stochastic_key) asks for
+    stochastic rounding, None for nearest. The kernel checks alignment and overlap before it
+    writes."""
+    n = param.size
+    if n == 0:
+        return
+    status = lib.fastrms_update_p16(
+        _prepared(coeffs)[2], coeffs.flags,
+        _formats(param.dtype, grad.dtype, key is not None, master_param is not None),
+        0 if key is None else key,
+        _from_buffer(_U16, param, True), _from_buffer(_buffer_type(grad), grad, False),
+        _from_buffer(_F32_BUFFER, square_avg, True),
+        _NULL if momentum_buffer is None else _from_buffer(_F32_BUFFER, momentum_buffer, True),
+        _NULL if grad_avg is None else _from_buffer(_F32_BUFFER, grad_avg, True),
+        _NULL if master_param is None else _from_buffer(_F32_BUFFER, master_param, True), n)
+    if status:
+        _raise_for_low_precision(status, (param, grad, square_avg, momentum_buffer, grad_avg,
+                                          master_param))
+
+
+def _raise_for_low_precision(status, arrays):
+    if status == lib.FASTRMS_OVERLAP:
+        check_no_overlap(*arrays)  # names the pair
+        raise ValueError("two of the arrays overlap in memory")  # pragma: no cover
+    if status == _MISALIGNED:
+        raise ValueError("an array is not aligned to its element size")
+    raise RuntimeError(f"fastrms C kernel rejected the call (status {status})")
+
+
+def update_many_low_precision(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
+                              master_params=None, keys=None, *, cache=None):
+    """:func:`update_low_precision` over lists, one C call and one thread team per gradient
+    dtype (the params all float16 or all bfloat16). ``keys``: None (nearest) or one int per
+    array (an ``np.uint64`` array serves as it is). ``cache``: as for :func:`update_many`, kept
+    by the caller while the lists other than ``grads`` are the same objects."""
+    count = len(params)
+    if not count:
+        return
+    param_dtype = params[0].dtype
+    if any(p.dtype != param_dtype for p in params):
+        raise TypeError("update_many_low_precision takes params of one dtype per call")
+    grad_dtypes = set(map(_get_dtype, grads))
+    if len(grad_dtypes) > 1:  # a float32 gradient among 16-bit ones: one call per dtype
+        for dtype in grad_dtypes:
+            ks = [k for k in range(count) if grads[k].dtype == dtype]
+
+            def pick(arrays):
+                return None if arrays is None else [arrays[k] for k in ks]
+
+            update_many_low_precision(coeffs, pick(params), pick(grads), pick(square_avgs),
+                                      pick(momentum_buffers), pick(grad_avgs),
+                                      pick(master_params),
+                                      None if keys is None else [int(keys[k]) for k in ks])
+        return
+    formats = _formats(param_dtype, grads[0].dtype, keys is not None, master_params is not None)
+    keep = []
+    grad_pointers = _pointer_array("void *[]", _buffer_type(grads[0]), grads, keep)
+    streams = []
+    for index, (arrays, pointer_type, buffer_type) in enumerate((
+            (params, "uint16_t *[]", _U16), (square_avgs, "float *[]", _F32_BUFFER),
+            (momentum_buffers, "float *[]", _F32_BUFFER), (grad_avgs, "float *[]", _F32_BUFFER),
+            (master_params, "float *[]", _F32_BUFFER))):
+        streams.append(_NULL if arrays is None else _cached_pointer_array(
+            cache, ("p16", index), pointer_type, buffer_type, arrays, keep))
+    lengths = cache.get("p16 lengths") if cache is not None else None
+    if lengths is None or lengths[0] is not params:
+        lengths = (params, ffi.new("size_t[]", [a.size for a in params]))
+        if cache is not None:
+            cache["p16 lengths"] = lengths
+    key_array = _NULL
+    if keys is not None:
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if keys.shape != (count,):
+            raise ValueError(f"keys must hold one key per array ({count}), got shape {keys.shape}")
+        key_array = ffi.from_buffer("uint64_t[]", keys)
+    status = lib.fastrms_update_multi_p16(
+        _prepared(coeffs)[2], coeffs.flags, formats, key_array, streams[0], grad_pointers,
+        streams[1], streams[2], streams[3], streams[4], lengths[1], count)
+    if status:
+        if status == lib.FASTRMS_OVERLAP:
+            for k in range(count):
+                check_no_overlap(params[k], grads[k], square_avgs[k],
+                                 momentum_buffers[k] if momentum_buffers is not None else None,
+                                 grad_avgs[k] if grad_avgs is not None else None,
+                                 master_params[k] if master_params is not None else None)
+        _raise_for_low_precision(status, ())
+
+
+def roofline_low_precision(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    """The 16-bit update's streams (16-bit param and grad, float32 state), trivial arithmetic."""
+    if param.size == 0:
+        return
+    status = lib.fastrms_roofline_p16(
+        flags & (CENTERED | MOMENTUM), _from_buffer(_U16, param), _from_buffer(_U16, grad),
+        _from_buffer(_F32_BUFFER, square_avg),
+        _NULL if momentum_buffer is None else _from_buffer(_F32_BUFFER, momentum_buffer),
+        _NULL if grad_avg is None else _from_buffer(_F32_BUFFER, grad_avg), param.size)
+    if status:
+        _raise_for_low_precision(status, (param, grad, square_avg, momentum_buffer, grad_avg))
+
+
+def decode_low_precision(values: np.ndarray) -> np.ndarray:
+    """A float16 / bfloat16 array widened to float32 by the kernel's codec."""
+    values = np.asarray(values, order="C")
+    out = np.empty(values.shape, np.float32)
+    if values.size:
+        status = lib.fastrms_decode_p16(_PARAM_BF16 if values.dtype == BFLOAT16 else 0,
+                                        _from_buffer(_U16, values), _from_buffer(_F32_BUFFER,
+                                                                                 out, True),
+                                        values.size)
+        if status:
+            _raise_for_low_precision(status, ())
+    return out
+
+
+def encode_low_precision(values: np.ndarray, dtype, key=None, first_index: int = 0) -> np.ndarray:
+    """float32 ``values`` narrowed to ``dtype`` by the kernel's codec: nearest even, or
+    stochastic rounding with ``key``, element i taking the random bits of first_index + i."""
+    values = np.asarray(values, np.float32, order="C")
+    out = np.empty(values.shape, dtype)
+    if values.size:
+        formats = _formats(out.dtype, None, key is not None, False)
+        status = lib.fastrms_encode_p16(formats, 0 if key is None else key, first_index,
+                                        _from_buffer(_F32_BUFFER, values),
+                                        _from_buffer(_U16, out, True), values.size)
+        if status:
+            _raise_for_low_precision(status, ())
+    return out
+
+
+def set_conversion_instructions(enabled: bool) -> bool:
+    """Allow (default) or forbid F16C / AVX512-BF16 conversion instructions (tests use it to
+    prove that both give the same bits); returns the setting."""
+    return bool(lib.fastrms_set_conversion_instructions(1 if enabled else 0))
+
+
+def conversion_instructions() -> tuple[str, ...]:
+    """The conversion instructions the kernels use now (SIMD level and CPU allowing)."""
+    used = lib.fastrms_conversion_instructions()
+    return tuple(name for bit, name in ((1, "f16c"), (2, "avx512bf16")) if used & bit)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -228,6 +427,7 @@ def describe() -> dict:
         "simd_level": simd_level(),
         "simd_level_max": SIMD_NAMES[lib.fastrms_max_simd_level()],
         "parallel_threshold": int(lib.fastrms_parallel_threshold()),
+        "conversion_instructions": list(conversion_instructions()),
     }
 
 

@@ -6,8 +6,9 @@ without the rarer options (8 copies, below). Small arrays call it directly (a
 cache-line-aligned chunks, one call per chunk. Options are run-time arguments, so each driver
 compiles once per dtype.
 
-Compilation settings live in this one place: ``nogil=True``, never ``fastmath`` (it would
-reassociate and fuse, breaking bit-identity), and ``cache=True`` unless ``FASTRMS_NUMBA_CACHE=0``.
+Compilation settings live in one place, ``JIT`` in _numba_codecs.py (which this module imports
+and the 16-bit codecs there use too): ``nogil=True``, never ``fastmath`` (it would reassociate
+and fuse, breaking bit-identity), and ``cache=True`` unless ``FASTRMS_NUMBA_CACHE=0``.
 Numba caches ``parallel=True`` functions too; tests/test_numba_cache.py proves a fresh process
 loads them and gets the same bits.
 """
@@ -19,15 +20,21 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
 from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
                              NESTEROV, WD_COUPLED, WD_DECOUPLED)
 from .._validation import check_no_overlap
+from ._numba_codecs import (CACHE, JIT as _jit, decode_into, decode_low_precision,
+                            encode_into, encode_low_precision)
 
-CACHE = os.environ.get("FASTRMS_NUMBA_CACHE", "1") != "0"
+#: sha256 (first 16 hex digits) of _numba_codecs.py. Numba invalidates a cached kernel when the
+#: file that defines it changes, not when a function it inlines from another file does: a test
+#: fails until this is updated after an edit there, and updating it invalidates the cache.
+CODECS_SOURCE_SHA256 = "34c5577702c81279"
+
 #: Below this many elements the serial driver runs (same value as the C kernel's threshold).
 PARALLEL_THRESHOLD = 1 << 16
 
-_jit = dict(nogil=True, cache=CACHE, fastmath=False, error_model="numpy")
 
 
 # One loop source, inlined (Numba IR inlining, inline="always") at call sites where the stream
@@ -145,6 +152,59 @@ def _update_parallel(P, G, S, B, A, chunk, unscale, coefficients, forms):
 
 
 @njit(**_jit)
+def _update_low_precision_serial(P, G16, G32, S, B, A, M, first, formats, key, unscale,
+                                 coefficients, forms):
+    """A 16-bit param (P, uint16 bits) block by block: widen into float32 buffers (or take the
+    float32 master copy M), run the float32 loop, narrow back (csrc/rmsprop16.h's design).
+    The gradient is G16 (16-bit bits) or G32 (float32), the other one empty; so is M unless
+    master. ``first``: the index of P[0] in its array, for the random bits."""
+    bf16, grad32, stochastic, master = formats
+    k0, k1 = key
+    unscale_form, grad_scale, grad_scale_inverse = unscale
+    n = P.size
+    param_bits = np.empty(min(n, UNSCALE_BLOCK), np.uint32)
+    grad_bits = np.empty(min(n, UNSCALE_BLOCK), np.uint32)
+    param_block, grad_block = param_bits.view(np.float32), grad_bits.view(np.float32)
+    master_bits = M.view(np.uint32)
+    for lo in range(0, n, UNSCALE_BLOCK):
+        hi = min(n, lo + UNSCALE_BLOCK)
+        size = hi - lo
+        if master:
+            p, p_bits = M[lo:hi], master_bits[lo:hi]
+        else:
+            p, p_bits = param_block[:size], param_bits[:size]
+            decode_into(P[lo:hi], p_bits, bf16)
+        if grad32:
+            g = G32[lo:hi]
+        else:
+            decode_into(G16[lo:hi], grad_bits[:size], bf16)
+            g = grad_block[:size]
+        if unscale_form != 0:
+            unscaled = grad_block[:size]
+            if unscale_form == 1:
+                for i in range(size):
+                    unscaled[i] = g[i] * grad_scale_inverse
+            else:
+                for i in range(size):
+                    unscaled[i] = g[i] / grad_scale
+            g = unscaled
+        _update_flat(p, g, S[lo:hi], B[lo:hi], A[lo:hi], coefficients, forms)
+        encode_into(p_bits, P[lo:hi], bf16, stochastic, k0, k1, first + lo)
+
+
+@njit(parallel=True, **_jit)
+def _update_low_precision_parallel(P, G16, G32, S, B, A, M, chunk, formats, key, unscale,
+                                   coefficients, forms):
+    n = P.size
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        _update_low_precision_serial(P[lo:hi], G16[lo:hi], G32[lo:hi], S[lo:hi], B[lo:hi],
+                                     A[lo:hi], M[lo:hi], lo, formats, key, unscale,
+                                     coefficients, forms)
+
+
+@njit(**_jit)
 def _has_nonfinite(G, grad_scale, bound):
     # One compare per element settles almost all of them (see csrc/rmsprop_kernel.h); only a
     # chunk holding something beyond the bound pays for the exact division.
@@ -166,6 +226,42 @@ def _count_nonfinite_chunks(G, chunk, grad_scale, bound):
         lo = c * chunk
         found += _has_nonfinite(G[lo:min(n, lo + chunk)], grad_scale, bound)
     return found
+
+
+@njit(**_jit)
+def _has_nonfinite_16(G, bf16, grad_scale, bound):
+    """_has_nonfinite of 16-bit gradient bits, widened a block at a time."""
+    n = G.size
+    bits = np.empty(min(n, UNSCALE_BLOCK), np.uint32)
+    block = bits.view(np.float32)
+    for lo in range(0, n, UNSCALE_BLOCK):
+        hi = min(n, lo + UNSCALE_BLOCK)
+        decode_into(G[lo:hi], bits[:hi - lo], bf16)
+        if _has_nonfinite(block[:hi - lo], grad_scale, bound):
+            return True
+    return False
+
+
+@njit(parallel=True, **_jit)
+def _count_nonfinite_chunks_16(G, bf16, chunk, grad_scale, bound):
+    n = G.size
+    found = 0
+    for c in prange((n + chunk - 1) // chunk):
+        lo = c * chunk
+        found += _has_nonfinite_16(G[lo:min(n, lo + chunk)], bf16, grad_scale, bound)
+    return found
+
+
+@njit(parallel=True, **_jit)
+def _roofline_low_precision_parallel(P, G, S, B, A, centered, use_momentum):
+    for i in prange(P.size):
+        g = G[i]
+        S[i] += np.float32(g)
+        if centered:
+            A[i] += np.float32(g)
+        if use_momentum:
+            B[i] += np.float32(g)
+        P[i] = P[i] + g
 
 
 @njit(parallel=True, **_jit)
@@ -270,7 +366,8 @@ def update(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None)
 
 
 def all_finite(coeffs, grads) -> bool:
-    """True when every gradient, divided by the loss scale (1 for none), is finite."""
+    """True when every gradient, divided by the loss scale (1 for none), is finite. With float32
+    coefficients the gradients may also be float16 / bfloat16."""
     scale = coeffs.scalars[-2]
     t_max = np.finfo(coeffs.dtype).max
     # The C kernel's bound, in the same dtype arithmetic: below it no quotient can overflow.
@@ -278,7 +375,18 @@ def all_finite(coeffs, grads) -> bool:
     for grad in grads:
         flat = grad.reshape(-1)
         n = flat.size
-        if n < PARALLEL_THRESHOLD or _serial_only:
+        if flat.dtype in LOW_PRECISION_DTYPES:  # with the float32 coefficients of its param
+            bf16 = flat.dtype == BFLOAT16
+            flat = flat.view(np.uint16)
+            if n < PARALLEL_THRESHOLD or _serial_only:
+                if _has_nonfinite_16(flat, bf16, scale, bound):
+                    return False
+            else:
+                threads = _thread_count()
+                _mark_parallel_used(threads)
+                if _count_nonfinite_chunks_16(flat, bf16, _chunk_size(n, threads), scale, bound):
+                    return False
+        elif n < PARALLEL_THRESHOLD or _serial_only:
             if _has_nonfinite(flat, scale, bound):
                 return False
         else:
@@ -301,6 +409,56 @@ def update_many(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
         update(coeffs, params[k], grads[k], square_avgs[k],
                momentum_buffers[k] if momentum_buffers is not None else None,
                grad_avgs[k] if grad_avgs is not None else None)
+
+
+_NO_BITS = np.zeros(0, np.uint16)
+
+
+def update_low_precision(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None,
+                         master_param=None, key=None):
+    """One step of a float16 / bfloat16 param (the registry's contract; see the C backend)."""
+    check_no_overlap(param, grad, square_avg, momentum_buffer, grad_avg, master_param)
+    n = param.size
+    if n == 0:
+        return
+    grad32 = grad.dtype == FLOAT32
+    flat_grad = grad.reshape(-1)
+    arrays = (param.reshape(-1).view(np.uint16), _NO_BITS if grad32 else flat_grad.view(np.uint16),
+              flat_grad if grad32 else _UNUSED[FLOAT32], square_avg.reshape(-1),
+              _flat(momentum_buffer, FLOAT32), _flat(grad_avg, FLOAT32),
+              _flat(master_param, FLOAT32))
+    formats = (param.dtype == BFLOAT16, grad32, key is not None, master_param is not None)
+    key = 0 if key is None else int(key)
+    words = (np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32))
+    threads = 1 if n < PARALLEL_THRESHOLD or _serial_only else _thread_count()
+    if threads == 1:
+        _update_low_precision_serial(*arrays, 0, formats, words, *_kernel_arguments(coeffs))
+    else:
+        _mark_parallel_used(threads)
+        _update_low_precision_parallel(*arrays, _chunk_size(n, threads), formats, words,
+                                       *_kernel_arguments(coeffs))
+
+
+def update_many_low_precision(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
+                              master_params=None, keys=None, *, cache=None):
+    """One update per array; ``keys``: None (nearest) or one key per array."""
+    for k in range(len(params)):
+        update_low_precision(coeffs, params[k], grads[k], square_avgs[k],
+                             momentum_buffers[k] if momentum_buffers is not None else None,
+                             grad_avgs[k] if grad_avgs is not None else None,
+                             master_params[k] if master_params is not None else None,
+                             None if keys is None else int(keys[k]))
+
+
+def roofline_low_precision(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):
+    if _serial_only:
+        raise RuntimeError("the Numba roofline is parallel-only and cannot run in a process "
+                           "forked after Numba's OpenMP layer ran")
+    _mark_parallel_used(_thread_count())
+    _roofline_low_precision_parallel(
+        param.reshape(-1).view(np.uint16), grad.reshape(-1).view(np.uint16),
+        square_avg.reshape(-1), _flat(momentum_buffer, FLOAT32), _flat(grad_avg, FLOAT32),
+        bool(flags & CENTERED), bool(flags & MOMENTUM))
 
 
 def roofline(flags, param, grad, square_avg, momentum_buffer=None, grad_avg=None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _codecs
 from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
                              NESTEROV, WD_COUPLED, WD_DECOUPLED, Coefficients)
 from .._validation import check_no_overlap
@@ -74,8 +75,68 @@ def all_finite(coeffs, grads) -> bool:
     """True when every gradient, divided by the loss scale when there is one, is finite."""
     scale = coeffs.scalars[-2]
     with np.errstate(all="ignore"):
-        return all(bool(np.isfinite(g / scale if coeffs.flags & GRAD_SCALE else g).all())
+        return all(bool(np.isfinite(_widened(g) / scale if coeffs.flags & GRAD_SCALE else g)
+                        .all())
                    for g in grads)
+
+
+def _widened(grad):
+    """A 16-bit gradient in its compute dtype (float32); others as they are."""
+    return _codecs.decode(grad) if grad.dtype in _codecs.LOW_PRECISION_DTYPES else grad
+
+
+def reference_step_low_precision(coeffs, param, grad, square_avg, momentum_buffer=None,
+                                 grad_avg=None, master_param=None, key=None):
+    """:func:`reference_step` for a float16 / bfloat16 param: widen (or take the float32
+    master copy), step in float32, narrow. Returns (param, square_avg, momentum_buffer,
+    grad_avg, master_param) as new arrays, writing nothing."""
+    p32 = master_param if master_param is not None else _codecs.decode(param)
+    g32 = grad if grad.dtype == _codecs.FLOAT32 else _codecs.decode(grad)
+    with np.errstate(all="ignore"):
+        p, s, b, a = reference_step(coeffs, p32, g32, square_avg, momentum_buffer, grad_avg)
+    p = np.asarray(p, _codecs.FLOAT32)
+    if key is None:
+        narrowed = _codecs.encode_nearest(p, param.dtype)
+    else:
+        narrowed = _codecs.encode_stochastic(p, param.dtype, key)
+    return narrowed, s, b, a, (p if master_param is not None else None)
+
+
+def update_low_precision(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None,
+                         master_param=None, key=None):
+    """One step of a 16-bit param (the registry's contract; any strides here)."""
+    check_no_overlap(param, grad, square_avg, momentum_buffer, grad_avg, master_param)
+    p, s, b, a, m = reference_step_low_precision(coeffs, param, grad, square_avg,
+                                                 momentum_buffer, grad_avg, master_param, key)
+    param[...] = p
+    square_avg[...] = s
+    if b is not None:
+        momentum_buffer[...] = b
+    if a is not None:
+        grad_avg[...] = a
+    if m is not None:
+        master_param[...] = m
+
+
+def update_many_low_precision(coeffs, params, grads, square_avgs, momentum_buffers, grad_avgs,
+                              master_params=None, keys=None, *, cache=None):
+    """One :func:`update_low_precision` per array; ``keys``: None or one key per array."""
+    for k in range(len(params)):
+        update_low_precision(coeffs, params[k], grads[k], square_avgs[k],
+                             momentum_buffers[k] if momentum_buffers is not None else None,
+                             grad_avgs[k] if grad_avgs is not None else None,
+                             master_params[k] if master_params is not None else None,
+                             None if keys is None else int(keys[k]))
+
+
+def decode_low_precision(values):
+    return _codecs.decode(values)
+
+
+def encode_low_precision(values, dtype, key=None, first_index: int = 0):
+    if key is None:
+        return _codecs.encode_nearest(values, dtype)
+    return _codecs.encode_stochastic(values, dtype, key, first_index)
 
 
 def set_num_threads(n: int | None) -> None:

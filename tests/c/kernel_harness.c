@@ -2,7 +2,9 @@
  * flag combination, both dtypes, lengths that end mid-vector, n = 0, pointers offset from
  * vector alignment, misaligned pointers, overlapping buffers, the multi-tensor entry point and
  * the roofline, loss-scaled steps (a scale with an exact reciprocal and one without), the
- * finiteness check, on 1 and 2 threads. Buffers are allocated at their exact size so that
+ * finiteness check, on 1 and 2 threads; then the 16-bit entry points (every format word, a set
+ * of flags, the codecs alone, the counter split of stochastic rounding at 2^32 and 2^33).
+ * Buffers are allocated at their exact size so that
  * AddressSanitizer sees any access past either end. Exit status 0 means every check held. */
 #include <math.h>
 #include <stdint.h>
@@ -86,6 +88,93 @@ static int valid_flags(unsigned f) {
 DEFINE_RUN(float, f32)
 DEFINE_RUN(double, f64)
 
+/* 16-bit params: `formats` as in fastrms.h; param and 16-bit grad hold bit patterns of every
+ * kind (NaNs, infinities, subnormals) as they come. */
+static void run_p16(unsigned flags, unsigned formats, size_t n, size_t shift) {
+    struct fastrms_coeffs_f32 c = {0.9f, 0.1f, 1e-8f, -0.01f, 0.01f, 0.1f, 0.9f, 0.999f,
+                                   shift ? 3.0f : 4.0f, shift ? 0.0f : 0.25f};
+    uint16_t *pbase = malloc((n + shift) * sizeof(uint16_t) + 1), *p = pbase + shift;
+    uint16_t *gbase = malloc((n + shift) * sizeof(uint16_t) + 1), *g16 = gbase + shift;
+    float *fbases[5];
+    float *g32 = alloc_f32(n, shift, &fbases[0]), *s = alloc_f32(n, shift, &fbases[1]);
+    float *b = alloc_f32(n, shift, &fbases[2]), *a = alloc_f32(n, shift, &fbases[3]);
+    float *m = alloc_f32(n, shift, &fbases[4]);
+    for (size_t i = 0; i < n; ++i) {
+        p[i] = (uint16_t)(i * 2654435761u >> 7);
+        g16[i] = (uint16_t)(i * 40503u + 7);
+    }
+    const void *g = (formats & FASTRMS_GRAD_F32) ? (const void *)g32 : (const void *)g16;
+    float *bb = (flags & FASTRMS_MOMENTUM) ? b : NULL, *aa = (flags & FASTRMS_CENTERED) ? a : NULL;
+    float *mm = (formats & FASTRMS_MASTER) ? m : NULL;
+    const uint64_t key = 0x9E3779B97F4A7C15u ^ n;
+    int status = fastrms_update_p16(&c, flags, formats, key, p, g, s, bb, aa, mm, n);
+    CHECK(status == FASTRMS_OK, "p16 update flags=%u formats=%u n=%zu: %d", flags, formats, n,
+          status);
+    uint16_t *ps[2] = {p, p};
+    void *gs[2] = {(void *)g, (void *)g};
+    float *ss[2] = {s, s}, *bs[2] = {bb, bb}, *as[2] = {aa, aa}, *ms[2] = {mm, mm};
+    const uint64_t keys[2] = {key, key + 1};
+    size_t ls[2] = {n, 0};
+    status = fastrms_update_multi_p16(&c, flags, formats, keys, ps, gs, ss,
+                                      (flags & FASTRMS_MOMENTUM) ? bs : NULL,
+                                      (flags & FASTRMS_CENTERED) ? as : NULL,
+                                      (formats & FASTRMS_MASTER) ? ms : NULL, ls, 2);
+    CHECK(status == FASTRMS_OK, "p16 multi flags=%u formats=%u n=%zu: %d", flags, formats, n,
+          status);
+    if (!(formats & FASTRMS_GRAD_F32)) {
+        uint16_t *g16s[2] = {g16, g16};
+        status = fastrms_all_finite_multi_p16(g16s, ls, 2, formats, c.grad_scale);
+        CHECK(status == 0 || status == 1, "p16 finite: %d", status);
+        status = fastrms_roofline_p16(flags, p, g16, s, bb, aa, n);
+        CHECK(status == FASTRMS_OK, "p16 roofline n=%zu: %d", n, status);
+    }
+    CHECK(fastrms_decode_p16(formats, p, s, n) == FASTRMS_OK, "decode n=%zu", n);
+    /* Stochastic rounding's 32-bit counters split where their high word changes. */
+    const uint64_t firsts[3] = {0, ((uint64_t)1 << 32) - n / 2, ((uint64_t)1 << 33) - n / 2 - 1};
+    for (int k = 0; k < 3; ++k)
+        CHECK(fastrms_encode_p16(formats, key, firsts[k], s, p, n) == FASTRMS_OK, "encode");
+    if (n > 2) {
+        status = fastrms_update_p16(&c, flags, formats, key, p, g, (float *)(void *)(p + 1), bb,
+                                    aa, mm, n - 1);
+        CHECK(status == FASTRMS_OVERLAP || status == FASTRMS_MISALIGNED,
+              "p16 overlap not caught: %d", status);
+        status = fastrms_update_p16(&c, flags, formats, key, (uint16_t *)((char *)pbase + 1), g,
+                                    s, bb, aa, mm, n - 1);
+        CHECK(status == FASTRMS_MISALIGNED, "p16 misalignment not caught: %d", status);
+    }
+    free(pbase);
+    free(gbase);
+    for (int k = 0; k < 5; ++k) free(fbases[k]);
+}
+
+static size_t run_p16_all(void) {
+    static const unsigned flag_sets[] = {
+        0, FASTRMS_MOMENTUM | FASTRMS_CENTERED | FASTRMS_GRAD_SCALE,
+        FASTRMS_WD_COUPLED | FASTRMS_MAXIMIZE | FASTRMS_EPS_IN_SQRT,
+        FASTRMS_MOMENTUM | FASTRMS_NESTEROV | FASTRMS_LR_IN_MOMENTUM | FASTRMS_WD_DECOUPLED |
+            FASTRMS_GRAD_SCALE};
+    size_t runs = 0;
+    CHECK(fastrms_update_p16(NULL, 0, 16, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0) ==
+              FASTRMS_BAD_FORMATS, "unknown format accepted");
+    CHECK(fastrms_update_p16(NULL, 0, FASTRMS_MASTER | FASTRMS_STOCHASTIC, 0, NULL, NULL, NULL,
+                             NULL, NULL, NULL, 0) == FASTRMS_BAD_FORMATS,
+          "master with stochastic rounding accepted");
+    for (int hardware = 1; hardware >= 0; --hardware) {
+        fastrms_set_conversion_instructions(hardware);
+        for (unsigned formats = 0; formats <= 15; ++formats) {
+            if ((formats & FASTRMS_MASTER) && (formats & FASTRMS_STOCHASTIC)) continue;
+            for (size_t f = 0; f < sizeof flag_sets / sizeof flag_sets[0]; ++f)
+                for (int k = 0; k < NLENGTHS; ++k)
+                    for (size_t shift = 0; shift < 2; ++shift) {
+                        if (lengths[k] > 4097 && (f || shift)) continue;
+                        run_p16(flag_sets[f], formats, lengths[k], shift);
+                        ++runs;
+                    }
+        }
+    }
+    return runs;
+}
+
 int main(void) {
     CHECK(fastrms_update_f32(NULL, 1u << 10, NULL, NULL, NULL, NULL, NULL, 0) == FASTRMS_BAD_FLAGS,
           "unknown flag accepted");
@@ -108,6 +197,7 @@ int main(void) {
                     }
                 }
             }
+            runs += run_p16_all();
         }
     }
     printf("%zu kernel runs, %d failures\n", runs, failures);
