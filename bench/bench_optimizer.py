@@ -29,7 +29,7 @@ LR = 1e-3
 #: Constant gradients every step: the centered variant would drive square_avg - grad_avg**2 to
 #: zero and time denormals, so the two variants are the torch paths that stay well-conditioned.
 VARIANTS = {"plain": {}, "momentum": {"momentum": 0.9}}
-#: float32 bytes read + written per element (SPEC.md, "What the memory system allows").
+#: float32 bytes read + written per element (docs/contract.md, "What the memory system allows").
 BYTES_PER_ELEMENT = {"plain": 20, "momentum": 28}
 IMPLEMENTATIONS = ["flat", "list", "torch-foreach"]  # flat first: the others report x_flat
 _best: dict[tuple[str, str], float] = {}

@@ -1,6 +1,6 @@
 /* The fused RMSProp update for one element type. Included by rmsprop.c once per type with
  * T (the element type), SFX (the name suffix) and SQRT (the correctly rounded square root)
- * defined. The update order is SPEC.md's, line by line; every line is its own rounding step
+ * defined. The update order is the contract's, line by line; every line is its own rounding step
  * because the build passes -ffp-contract=off. */
 
 #define CAT_(a, b) a##_##b
@@ -158,8 +158,8 @@ static ALWAYS_INLINE void NAME(roofline_range)(const NAME(stream_set) *x, size_t
 
 /* -- Loss-scaled steps ---------------------------------------------------------------------
  * The gradient is unscaled a block at a time into a buffer on the stack (it stays in L1), and
- * the ordinary loop runs on the buffer: the bits of dividing first, as SPEC.md asks, without a
- * second copy of every loop variant. A power-of-two scale has an exact reciprocal, and then a
+ * the ordinary loop runs on the buffer: the bits of dividing first, as docs/contract.md asks,
+ * without a second copy of every loop variant. A power-of-two scale has an exact reciprocal, and then a
  * multiplication gives the division's bits at a fraction of its cost. */
 
 #define UNSCALE_BLOCK ((size_t)2048)

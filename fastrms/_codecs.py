@@ -1,7 +1,7 @@
 """The 16-bit storage formats, defined in NumPy: what every backend's codecs must equal bit for bit.
 
 float16 and bfloat16 widen to float32 exactly. Narrowing is the only rounding a format adds
-(SPEC.md, "Storage formats"):
+(docs/contract.md, "Storage formats"):
 
 - ``encode_nearest``: round to nearest even, exactly as ``ndarray.astype`` converts (NumPy for
   float16, ml_dtypes for bfloat16), NaN, infinities, overflow to infinity and subnormals

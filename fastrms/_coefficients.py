@@ -1,8 +1,8 @@
 """The one place where hyperparameters become kernel coefficients.
 
 Each coefficient is computed once in Python float64 and then rounded once to the array dtype
-(SPEC.md). Backends receive a :class:`Coefficients` and arrays, nothing else, so they cannot
-disagree about a coefficient. Results are cached: a training loop that calls with the same
+(docs/contract.md). Backends receive a :class:`Coefficients` and arrays, nothing else, so they
+cannot disagree about a coefficient. Results are cached: a training loop that calls with the same
 hyperparameters every step pays for one dictionary lookup.
 """
 from __future__ import annotations

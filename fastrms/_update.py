@@ -26,7 +26,7 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
 
     Updates ``param``, ``square_avg`` and, when used, ``momentum_buffer`` (required exactly when
     ``momentum > 0``) and ``grad_avg`` (required exactly when ``centered``), in the order of
-    SPEC.md; every backend gives the NumPy reference's bits. The defaults are torch's
+    docs/contract.md; every backend gives the NumPy reference's bits. The defaults are torch's
     (``torch.optim.RMSprop``): eps outside the square root, lr outside the momentum buffer,
     coupled (L2) weight decay.
 

@@ -1,8 +1,8 @@
 """The Numba backend: the fused update as a plain loop, compiled by Numba.
 
-One loop holds SPEC.md's order over flat arrays; it is inlined once per set of streams, with and
-without the rarer options (8 copies, below). Small arrays call it directly (a
-``prange`` always wakes the thread pool) and large ones through a ``prange`` over
+One loop holds the contract's order (docs/contract.md) over flat arrays; it is inlined once per
+set of streams, with and without the rarer options (8 copies, below). Small arrays call it
+directly (a ``prange`` always wakes the thread pool) and large ones through a ``prange`` over
 cache-line-aligned chunks, one call per chunk. Options are run-time arguments, so each driver
 compiles once per dtype.
 
@@ -59,7 +59,7 @@ def _effective_gradient(g, p, maximize, decay_form, weight_decay, decay):
 
 @njit(inline="always", **_jit)
 def _update_loop(P, G, S, B, A, coefficients, options, decay_form, with_momentum, centered):
-    """SPEC.md's lines over one slice. B (with_momentum) and A (centered) are read only when
+    """the contract's lines over one slice. B (with_momentum) and A (centered) are read only when
     used; unused ones are empty arrays."""
     (alpha, one_minus_alpha, eps_inside, eps_outside, neg_lr, momentum_numerator, momentum_step,
      weight_decay, momentum, decay) = coefficients
@@ -318,7 +318,7 @@ def kernel_arguments_of(scalars, flags, one, negative_zero) -> tuple:
     option. Plain Python that Numba also compiles: the entry for @njit callers
     (fastrms/_numba_entry.py) makes the same arguments with it.
 
-    Two choices of SPEC.md become coefficients, exactly, so that the loops need no select:
+    Two choices of docs/contract.md become coefficients, exactly, so that the loops need no select:
     - eps: ``sqrt(v + eps_inside) + eps_outside``, one of the two being -0.0, since x + (-0.0)
       is x for every x (signed zeros, infinities and NaN payloads included);
     - the momentum forms: ``u = (numerator * g) / d`` and ``p = p + step * (b or nesterov's

@@ -1,4 +1,4 @@
-"""The NumPy reference: SPEC.md's update order, one readable whole-array pass per line.
+"""The NumPy reference: the contract's update order, one readable whole-array pass per line.
 
 This is the oracle every test compares against. Each line is computed in the array dtype with
 coefficients of that dtype, so each line is rounded once, as the compiled kernels do. It works on
