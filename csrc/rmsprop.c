@@ -24,8 +24,8 @@ enum { DECAY_NONE, DECAY_COUPLED, DECAY_DECOUPLED };
 enum { MOMENTUM_NONE, MOMENTUM_TORCH, MOMENTUM_LR_INSIDE };
 enum { SIMD_BASELINE, SIMD_AVX2, SIMD_AVX512, SIMD_LEVELS };
 
-/* Below this many elements a thread team costs more than it saves (measured: see docs/performance.md,
- * "How automatic choice decides"). */
+/* Below this many elements a thread team costs more than it saves (measured: see
+ * docs/performance.md, "How automatic choice decides"). */
 #define PARALLEL_THRESHOLD ((size_t)1 << 16)
 /* Thread slices start on multiples of this many elements so that threads never share a line. */
 #define SLICE_ALIGN ((size_t)16)
