@@ -286,7 +286,8 @@ def raise_as_python_would(*arguments):
     param, grad, square_avg = given["param"], given["grad"], given["square_avg"]
     momentum_buffer, grad_avg, backend = (given["momentum_buffer"], given["grad_avg"],
                                           given["backend"])
-    dtype = check_param(param)
+    # Python's message (rmsprop_update also takes 16-bit parameters; compiled callers do not yet).
+    dtype = check_param(param, accepted="float32, float64, float16 or bfloat16")
     coeffs = _coefficients.kernel_coefficients(
         dtype, *(given[name] for name in ARGUMENT_NAMES[3:14]), grad_scale=given["grad_scale"])
     check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
