@@ -3,8 +3,8 @@
 numba-scipy's design: a ``numba.extending.overload`` of the Python function itself, so that the
 same name, with the same keyword arguments and defaults, works in Python and in nopython mode.
 :func:`init` registers it. Numba calls it through the ``numba_extensions`` entry point of the
-installed package when it first compiles anything, and fastrms's Numba backend calls it when
-imported, so ``import fastrms`` alone never imports Numba. The typing function here only sorts
+installed package when it first compiles anything (code running from a source tree that was
+not installed can call :func:`init` itself), so ``import fastrms`` alone never imports Numba. The typing function here only sorts
 the argument types; what compiles is in fastrms/_numba_entry.py, imported on first use.
 
 >>> import numba, numpy as np, fastrms

@@ -501,10 +501,3 @@ def describe() -> dict:
         "parallel_threshold": PARALLEL_THRESHOLD,
         "serial_only_after_fork": _serial_only,
     }
-
-
-# fastrms.rmsprop_update from users' @njit code: registered here too, so that it works without
-# Numba's entry point (which needs the installed package's metadata).
-from .._numba_overload import init as _register_overload  # noqa: E402
-
-_register_overload()
