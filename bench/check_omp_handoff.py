@@ -20,11 +20,20 @@ float32, plain) in these situations, one after another in every round, and print
 - ``after small torch op``: ``torch.add`` over 2^16 elements (parallel, 0.8 MB: little cache
   effect), and ``after small numpy op``, its serial twin.
 
+It also times the hand-off between the pools (a parallel fastrms call right after a parallel
+torch op, and the reverse, 2^18 elements each) and counts, in a 200 ms sleep right after a
+parallel region, the CPU time of each thread: the workers that spin (GOMP_SPINCOUNT, 300,000
+iterations by default, about 5 ms of a core here) before they sleep.
+
 ``--compare`` runs it with the default environment, with ``OMP_WAIT_POLICY=PASSIVE`` (no
-spinning anywhere), and in a copy of fastrms whose extension is re-linked to a renamed libgomp
-(two runtimes), with and without the prototype fix: fastrms's own copy made passive
-(``GOMP_SPINCOUNT=0`` read by that copy alone, at its load, after torch's copy has read the
-environment). The copy lives under /tmp and needs ``patchelf``.
+spinning anywhere), and in a copy of fastrms whose extension is re-linked to a renamed libgomp.
+That copy is a second runtime only if fastrms's extension is loaded before torch is imported:
+torch puts its libgomp in the global symbol scope (``LD_DEBUG=bindings`` shows fastrms's
+``GOMP_parallel`` bound to torch's copy otherwise). With two runtimes in use it tries the
+prototype fixes: fastrms's own copy passive or spinning briefly (``GOMP_SPINCOUNT`` in the
+environment while that copy loads, removed before torch's loads), and ``libgomp.so.1`` loaded
+into the global scope before fastrms's extension, so that the extension binds to it and
+everybody shares one runtime again. The copy lives under /tmp and needs ``patchelf``.
 """
 from __future__ import annotations
 
@@ -49,20 +58,43 @@ def gomp_copies() -> list[str]:
         return sorted({line.split()[-1] for line in f if "gomp" in line.split()[-1]})
 
 
-def measure(sizes=SIZES, rounds: int = 101, passive_own_copy: bool = False) -> dict:
-    """Median seconds of one fastrms call in each situation, per size."""
+def measure(sizes=SIZES, rounds: int = 101, own_spincount: int | None = None,
+            fastrms_first: bool = False, share_loaded_gomp: bool = False) -> dict:
+    """Median seconds of one fastrms call in each situation, per size.
+
+    ``fastrms_first`` loads fastrms's C extension (and so its libgomp) before torch is
+    imported. It matters: torch puts its libgomp in the process's global symbol scope, so an
+    extension loaded after it binds its OpenMP calls to torch's copy even if it brings its own.
+    Two prototype fixes, with ``fastrms_first``: ``own_spincount`` sets GOMP_SPINCOUNT for
+    the load of fastrms's copy only (0: passive; torch's copy, loaded later, reads the restored
+    environment); ``share_loaded_gomp`` first loads the process's ``libgomp.so.1`` (the
+    system's, or torch's if torch came first) into the global symbol scope, so that the
+    extension binds to it and its own copy stays unused: one runtime again.
+    """
     import numpy as np
-    import torch
 
-    if passive_own_copy:  # the prototype fix: torch's copy has read the environment already
-        torch.add(torch.ones(1), 1)
-        os.environ["GOMP_SPINCOUNT"] = "0"
-    import fastrms
+    def load_fastrms():
+        import fastrms
 
-    fastrms.rmsprop_update(np.ones(10**5, np.float32), np.ones(10**5, np.float32),
-                           np.ones(10**5, np.float32), lr=1e-3)  # loads the C extension, its libgomp
-    if passive_own_copy:
-        del os.environ["GOMP_SPINCOUNT"]
+        fastrms.rmsprop_update(np.ones(10**5, np.float32), np.ones(10**5, np.float32),
+                               np.ones(10**5, np.float32), lr=1e-3)  # loads the C extension
+        return fastrms
+
+    if fastrms_first:
+        if share_loaded_gomp:
+            import ctypes
+
+            ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
+        if own_spincount is not None:
+            os.environ["GOMP_SPINCOUNT"] = str(own_spincount)
+        fastrms = load_fastrms()
+        if own_spincount is not None:
+            del os.environ["GOMP_SPINCOUNT"]
+        import torch
+    else:
+        import torch
+
+        fastrms = load_fastrms()
     threads = len(os.sched_getaffinity(0))
     fastrms.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -76,7 +108,9 @@ def measure(sizes=SIZES, rounds: int = 101, passive_own_copy: bool = False) -> d
         "after small numpy op": (lambda x, y, z: lambda: np.add(x, y, out=z))(
             *(t.numpy() for t in small)),
     }
-    result = {"gomp": gomp_copies(), "threads": threads, "sizes": {}}
+    result = {"gomp": gomp_copies(), "threads": threads, "sizes": {},
+              "ping_pong": _ping_pong(fastrms, torch, np, rounds),
+              "spin": _spin(fastrms, torch, np)}
     for n in sizes:
         rng = np.random.default_rng(0)
         p, g = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
@@ -94,6 +128,74 @@ def measure(sizes=SIZES, rounds: int = 101, passive_own_copy: bool = False) -> d
                 samples[case].append(time.perf_counter_ns() - start)
         result["sizes"][n] = {case: statistics.median(v) * 1e-9 for case, v in samples.items()}
     return result
+
+
+def _ping_pong(fastrms, torch, np, rounds: int) -> dict:
+    """Median seconds of a parallel fastrms call (2^18 elements) right after a parallel torch
+    op (2^18 elements), and of that torch op right after the fastrms call: the hand-off between
+    the pools in a training loop, without the cache effects of big arrays."""
+    n = 2**18
+    p, g = np.ones(n, np.float32), np.ones(n, np.float32)
+    s = np.full(n, 2.0, np.float32)
+    x, y, z = (torch.rand(n) for _ in range(3))
+
+    def ours():
+        fastrms.rmsprop_update(p, g, s, lr=1e-3, alpha=0.99, eps=1e-8)
+
+    def theirs():
+        torch.add(x, y, out=z)
+    out = {"fastrms after fastrms": [], "fastrms after torch": [], "torch after torch": [],
+           "torch after fastrms": []}
+    for _ in range(rounds):
+        for label, first, second in (("fastrms after fastrms", ours, ours),
+                                     ("fastrms after torch", theirs, ours),
+                                     ("torch after torch", theirs, theirs),
+                                     ("torch after fastrms", ours, theirs)):
+            first()
+            start = time.perf_counter_ns()
+            second()
+            out[label].append(time.perf_counter_ns() - start)
+    return {label: statistics.median(v) * 1e-9 for label, v in out.items()}
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process (Linux /proc/self/task/*/schedstat, whose
+    first field is the time on a CPU in nanoseconds: /stat counts only whole clock ticks)."""
+    out = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                out[task] = int(f.read().split()[0]) * 1e-9
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _spin(fastrms, torch, np) -> dict:
+    """During a 200 ms sleep right after a parallel region: the CPU seconds the process burns
+    and how many threads burn more than a millisecond (workers spinning, GOMP_SPINCOUNT,
+    before they sleep). Robust to other processes' noise: it counts CPU time, not wall time."""
+    def cpu():
+        return _thread_cpu()
+    n = 2**18
+    p, g, s = np.ones(n, np.float32), np.ones(n, np.float32), np.full(n, 2.0, np.float32)
+    x, y, z = (torch.rand(n) for _ in range(3))
+    cases = {"after fastrms": lambda: fastrms.rmsprop_update(p, g, s, lr=1e-3),
+             "after torch": lambda: torch.add(x, y, out=z)}
+    cases["after torch then fastrms"] = lambda: (cases["after torch"](), cases["after fastrms"]())
+    out = {}
+    for label, run in cases.items():
+        burnt, spinning = [], []
+        for _ in range(5):
+            run()
+            start = cpu()
+            time.sleep(0.2)
+            end = cpu()
+            per_thread = [end[t] - start.get(t, 0.0) for t in end]
+            burnt.append(sum(per_thread))
+            spinning.append(sum(1 for x in per_thread if x > 1e-3))
+        out[label] = (statistics.median(burnt), statistics.median(spinning))
+    return out
 
 
 def _relinked_copy(source: Path, where: Path) -> Path:
@@ -121,22 +223,30 @@ def compare(sizes, rounds: int) -> None:
     package = Path(__import__("fastrms").__file__).parent
     with tempfile.TemporaryDirectory() as tmp:
         relinked = _relinked_copy(package, Path(tmp))
-        runs = [
-            ("one runtime, default", {}, package.parent, False),
+        runs = [  # label, environment, package path, options, --fastrms-first
+            ("one runtime, default", {}, package.parent, [], False),
             ("one runtime, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"},
-             package.parent, False),
-            ("two runtimes, default", {}, relinked, False),
-            ("two runtimes, fastrms's copy passive (fix)", {}, relinked, True),
-            ("two runtimes, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, relinked,
+             package.parent, [], False),
+            ("two copies mapped, torch first: fastrms bound to torch's", {}, relinked, [],
              False),
+            ("two runtimes in use (fastrms first), default", {}, relinked, [], True),
+            ("two runtimes, fastrms's copy passive (GOMP_SPINCOUNT=0 at its load)", {},
+             relinked, ["--own-spincount", "0"], True),
+            ("two runtimes, fastrms's copy spinning briefly (GOMP_SPINCOUNT=10000)", {},
+             relinked, ["--own-spincount", "10000"], True),
+            ("two runtimes, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"},
+             relinked, [], True),
+            ("fix: libgomp.so.1 loaded RTLD_GLOBAL before fastrms's extension", {}, relinked,
+             ["--share-loaded-gomp"], True),
         ]
-        for label, extra_env, path, passive in runs:
+        for label, extra_env, path, options, first in runs:
             env = dict(os.environ, **extra_env)
             env["PYTHONPATH"] = f"{path}{os.pathsep}{env.get('PYTHONPATH', '')}"
             args = [sys.executable, str(here), "--json", "--rounds", str(rounds),
                     "--sizes", ",".join(str(n) for n in sizes)]
-            if passive:
-                args.append("--passive-own-copy")
+            args += options
+            if first:
+                args.append("--fastrms-first")
             out = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True,
                                  timeout=900)
             if out.returncode:
@@ -147,6 +257,10 @@ def compare(sizes, rounds: int) -> None:
 
 def report(label: str, result: dict) -> None:
     print(f"\n== {label}: libgomp loaded: {', '.join(result['gomp'])}")
+    print("   in a 200 ms sleep right after a parallel region, CPU ms burnt (threads spinning): "
+          + ", ".join(f"{k} {v[0] * 1e3:.1f} ({v[1]:.0f})" for k, v in result["spin"].items()))
+    print("   hand-off, 2^18 elements each (median us): "
+          + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in result["ping_pong"].items()))
     print(f"   {'n':>6}  " + "  ".join(f"{case:>20}" for case in CASES) + "   (median us)")
     for n, cases in result["sizes"].items():
         print(f"   {float(n):6.0e}  " + "  ".join(f"{cases[c] * 1e6:20.2f}" for c in CASES),
@@ -159,13 +273,19 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=101)
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--passive-own-copy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--own-spincount", type=int, default=None,
+                        help="GOMP_SPINCOUNT while fastrms's extension (its libgomp) loads")
+    parser.add_argument("--share-loaded-gomp", action="store_true",
+                        help="load libgomp.so.1 RTLD_GLOBAL before fastrms's extension")
+    parser.add_argument("--fastrms-first", action="store_true",
+                        help="load fastrms's C extension before importing torch")
     args = parser.parse_args(argv)
     sizes = [int(float(n)) for n in args.sizes.split(",")]
     if args.compare:
         compare(sizes, args.rounds)
         return
-    result = measure(sizes, args.rounds, args.passive_own_copy)
+    result = measure(sizes, args.rounds, args.own_spincount, args.fastrms_first,
+                     args.share_loaded_gomp)
     if args.json:
         print(json.dumps(result))
     else:

@@ -221,20 +221,25 @@ def usable_cpus() -> int:
 def pin_threads(threads: int | None = None) -> dict:
     """One explicit thread count for fastrms, torch and numexpr (usable CPUs by default).
 
-    Without it fastrms's kernels follow OpenMP's setting, which torch changes to the number of
-    physical cores the first time it runs a parallel op, so a row's thread count would depend
-    on what ran before it. torch is imported here when installed, so that its own default
-    cannot be applied later behind the pin. Returns :func:`thread_settings`.
+    Without it fastrms's kernels follow OpenMP's setting, which torch changes to its default
+    (the number of physical cores) when it initialises, so a row's thread count would depend
+    on what ran before it. torch is imported here when installed, and before fastrms, as a
+    torch user's script does: ``import fastrms`` loads the system's libgomp, torch then runs on
+    that copy instead of its own, and in that state, once ``torch.set_num_threads`` has been
+    called and a Numba ``prange`` loop has run, every MKL-threaded torch op (``sqrt``, ``exp``:
+    torch's RMSprop) takes milliseconds (measured: 10 us -> 2.8 ms for ``sqrt`` of 5000 floats,
+    with or without fastrms). Returns :func:`thread_settings`.
     """
     import importlib.util
 
+    threads = usable_cpus() if threads is None else threads
+    torch = sys.modules.get("torch")
+    if torch is None and importlib.util.find_spec("torch") is not None:
+        import torch
     import fastrms
 
-    threads = usable_cpus() if threads is None else threads
     fastrms.set_num_threads(threads)
-    if "torch" in sys.modules or importlib.util.find_spec("torch") is not None:
-        import torch
-
+    if torch is not None:
         torch.set_num_threads(threads)
     if "numexpr" in sys.modules:
         sys.modules["numexpr"].set_num_threads(threads)

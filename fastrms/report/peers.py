@@ -240,8 +240,8 @@ def _torch_compile_check() -> tuple[bool, str]:
     ok, reason = module_check("torch", _TORCH_INSTALL)()
     if not ok:
         return ok, reason
-    candidates = ([os.environ["CXX"].split()[0]] if os.environ.get("CXX")
-                  else ["c++", "g++", "clang++"])
+    cxx = os.environ.get("CXX", "").split()
+    candidates = cxx[:1] or ["c++", "g++", "clang++"]
     compiler = next((found for name in candidates if (found := shutil.which(name))), None)
     if compiler is None:
         return False, f"torch.compile on CPU needs a C++ compiler; none of {candidates} found"
