@@ -171,17 +171,12 @@ def test_speed_targets(benchmark, request):
 
 # -- where the time goes ----------------------------------------------------------------------
 
-def _seconds(call, number=2000, repeat=15) -> float:
-    call()
-    return min(timeit.repeat(call, number=number, repeat=repeat)) / number
-
-
-def cost_breakdown() -> dict[str, dict[str, float]]:
-    """Microseconds per piece of each path's call, each piece timed on its own (best of many),
-    pieces listed in the order a call runs them. The pieces are the code of fastrms/_update.py,
-    fastrms/backends/c_backend.py, fastrms/optimizer.py and fastrms/torch.py as they stand;
-    ``rest`` is the total minus the listed pieces."""
-    from fastrms import _dispatch
+def cost_breakdown(rounds: int = 40) -> dict[str, dict[str, float]]:
+    """Microseconds per piece of a ``rmsprop_update`` call and of the roofline call, in the
+    order a call runs them. Every piece is timed on its own, all interleaved in one process
+    (so that all see the same phases of a noisy machine); the last piece of each is its total
+    minus the others. The pieces are fastrms/_update.py's and fastrms/backends/c_backend.py's
+    code as it stands."""
     from fastrms.backends import c_backend
 
     ffi, lib = c_backend.ffi, c_backend.lib
@@ -192,8 +187,7 @@ def cost_breakdown() -> dict[str, dict[str, float]]:
     coeffs = fastrms.kernel_coefficients(np.float32, lr=LR)
     kernel, buffer_type, struct, flags = c_backend._prepared(coeffs)
     pointers = [ffi.from_buffer(buffer_type, a, True) for a in (p, g, s)]
-    null = ffi.NULL
-    from_buffer = ffi.from_buffer
+    null, from_buffer, roofline = ffi.NULL, ffi.from_buffer, lib.fastrms_roofline_f32
 
     def empty(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
               momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
@@ -201,39 +195,43 @@ def cost_breakdown() -> dict[str, dict[str, float]]:
               momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None):
         return None
 
-    pieces = {
-        "Python call of a function with rmsprop_update's signature": lambda: empty(p, g, s, lr=LR),
-        "the kernel through cffi, pointers made beforehand (GIL released)":
-            lambda: kernel(struct, flags, *pointers, null, null, N),
-        "three ffi.from_buffer requests": lambda: (from_buffer(buffer_type, p, True),
-                                                  from_buffer(buffer_type, g, False),
-                                                  from_buffer(buffer_type, s, True)),
-        "_dispatch.context_choice()": _dispatch.context_choice,
-        "c_backend.update_if_ready (from_buffer x3 + kernel)":
-            lambda: c_backend.update_if_ready(coeffs, p, g, s, None, None),
+    t = interleaved_best({
+        "call": lambda: empty(p, g, s, lr=LR),
+        "update kernel, 16 elements": lambda: kernel(struct, flags, *pointers, null, null, 16),
+        "update kernel": lambda: kernel(struct, flags, *pointers, null, null, N),
+        "roofline kernel, 16 elements": lambda: roofline(0, *pointers, null, null, 16),
+        "roofline kernel": lambda: roofline(0, *pointers, null, null, N),
+        "from_buffer x3": lambda: (from_buffer(buffer_type, p, True),
+                                   from_buffer(buffer_type, g, False),
+                                   from_buffer(buffer_type, s, True)),
+        "update_if_ready": lambda: c_backend.update_if_ready(coeffs, p, g, s, None, None),
+        "roofline wrapper": lambda: c_backend.roofline(0, p, g, s),
+        "rmsprop_update": lambda: fastrms.rmsprop_update(p, g, s, lr=LR),
+    }, rounds=rounds)
+    t = {name: seconds * 1e6 for name, seconds in t.items()}
+    return {
+        "rmsprop_update": {
+            "total": t["rmsprop_update"],
+            "the Python call (3 arrays, 1 keyword)": t["call"],
+            "_update.py's own lines (identity test, types, dtypes, shapes, dispatch)":
+                t["rmsprop_update"] - t["call"] - t["update_if_ready"],
+            "3 ffi.from_buffer requests": t["from_buffer x3"],
+            "update_if_ready's own lines": t["update_if_ready"] - t["from_buffer x3"]
+                - t["update kernel"],
+            "cffi call of the kernel (16 elements: the call, GIL release, checks)":
+                t["update kernel, 16 elements"],
+            "the kernel's arithmetic over the other 4,794 elements":
+                t["update kernel"] - t["update kernel, 16 elements"],
+        },
+        "roofline": {
+            "total": t["roofline wrapper"],
+            "3 ffi.from_buffer requests and the wrapper's lines":
+                t["roofline wrapper"] - t["roofline kernel"],
+            "cffi call of the kernel (16 elements)": t["roofline kernel, 16 elements"],
+            "the kernel's arithmetic over the other 4,794 elements":
+                t["roofline kernel"] - t["roofline kernel, 16 elements"],
+        },
     }
-    timed = {name: _seconds(call) * 1e6 for name, call in pieces.items()}
-    total = _seconds(lambda: fastrms.rmsprop_update(p, g, s, lr=LR)) * 1e6
-    update_if_ready = timed["c_backend.update_if_ready (from_buffer x3 + kernel)"]
-    breakdown = {"rmsprop_update": {
-        "total": total,
-        "Python call with 3 arrays and 1 keyword": timed[
-            "Python call of a function with rmsprop_update's signature"],
-        "kernel (cffi call + C, pointers ready)": timed[
-            "the kernel through cffi, pointers made beforehand (GIL released)"],
-        "3 from_buffer requests": timed["three ffi.from_buffer requests"],
-        "update_if_ready's own lines": update_if_ready - timed[
-            "the kernel through cffi, pointers made beforehand (GIL released)"] - timed[
-            "three ffi.from_buffer requests"],
-        "_update.py's checks (identity, types, dtypes, shapes, dispatch)": total - timed[
-            "Python call of a function with rmsprop_update's signature"] - update_if_ready,
-    }}
-    roofline = {"total": _seconds(lambda: c_backend.roofline(0, p, g, s)) * 1e6,
-                "raw cffi call": _seconds(lambda: lib.fastrms_roofline_f32(
-                    0, *pointers, null, null, N)) * 1e6}
-    breakdown["roofline"] = dict(roofline, **{
-        "from_buffer x3 and the wrapper": roofline["total"] - roofline["raw cffi call"]})
-    return breakdown
 
 
 SPIN = r"""
@@ -258,7 +256,9 @@ def line_profile(path: str, seconds: float = 10.0, top: int = 14) -> dict[str, f
 
     if shutil.which("py-spy") is None:
         return None
-    total = _seconds(make_step(path)[0]) * 1e6
+    step = make_step(path)[0]
+    step()
+    total = min(timeit.repeat(step, number=1000, repeat=15)) / 1000 * 1e6
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     with tempfile.TemporaryDirectory() as tmp:
