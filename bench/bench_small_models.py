@@ -13,9 +13,10 @@ The paths, each one optimizer step with torch's defaults:
   with its pointers made beforehand.
 
 Targets (issue 17), time(path) / time(roofline): rmsprop_update <= 1.2, flat <= 1.3, list <= 2,
-torch <= 4. ``test_speed_targets`` (last, ``--benchmark-only``) times the paths interleaved
-(bench/targets.py) and checks them; the targets not met yet are listed in ``NOT_MET_YET`` and
-reported without failing. ``python bench/bench_small_models.py`` prints the ratios and where
+torch <= 4. With ``--benchmark-only``, ``test_speed_targets`` times the paths again interleaved
+(bench/targets.py) and checks the targets met so far; those listed in ``NOT_MET_YET`` are
+printed by ``test_speed_targets_not_met_yet``, which xfails while any is missed (so a run with
+timings stays green until they are met, and says so when one is). ``python bench/bench_small_models.py`` prints the ratios and where
 the time of each path goes (``cost_breakdown``: microseconds per piece, each piece timed on
 its own). With ``--benchmark-disable`` the file is a quick correctness test: each path runs
 once, and ``test_paths_agree`` checks that the fastrms paths give the reference's bits.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import timeit
 
 import numpy as np
 import pytest
@@ -147,26 +147,42 @@ def ratios(rounds: int = 60) -> tuple[dict[str, float], dict[str, float]]:
     return {path: seconds / best["roofline"] for path, seconds in best.items()}, best
 
 
-def _target_ratios():
-    if not {"roofline"} <= _measured:
-        return []
-    measured, _ = ratios()
-    result = []
-    for path, bound in TARGETS.items():
-        if path not in measured or path not in _measured:
-            continue
-        label = f"{path} / roofline ({N} elements)"
-        if path in NOT_MET_YET:
-            state = "met" if measured[path] <= bound else "not met yet"
-            print(f"\n{label} = {measured[path]:.2f} (target <= {bound}, {state}; not enforced)")
-            continue
-        result.append((label, measured[path], bound, True))
-    return result
+_ratios_measured: dict[str, float] = {}
+
+
+def _measured_ratios() -> dict[str, float]:
+    """The paths' ratios, timed once per session (after the benchmarks ran them)."""
+    if not _ratios_measured and "roofline" in _measured:
+        _ratios_measured.update(ratios()[0])
+    return _ratios_measured
+
+
+def _target_ratios(enforced: bool):
+    measured = _measured_ratios()
+    return [(f"{path} / roofline ({N} elements)", measured[path], bound, True)
+            for path, bound in TARGETS.items()
+            if path in measured and path in _measured and (path not in NOT_MET_YET) == enforced]
 
 
 def test_speed_targets(benchmark, request):
-    """The targets as ratios of interleaved timings (runs last in this file)."""
-    check_targets(benchmark, request, _target_ratios)
+    """The targets met so far, as ratios of interleaved timings (runs after the benchmarks)."""
+    check_targets(benchmark, request, lambda: _target_ratios(enforced=True))
+
+
+def test_speed_targets_not_met_yet(benchmark, request):
+    """The targets in NOT_MET_YET: measured and printed; xfail while missed."""
+    if request.config.getoption("benchmark_disable", False):
+        pytest.skip("needs timings: run with --benchmark-only")
+    measured = benchmark.pedantic(lambda: _target_ratios(enforced=False), rounds=1,
+                                  iterations=1)
+    lines = [f"{what} = {ratio:.2f} (target <= {bound}): "
+             f"{'met: remove it from NOT_MET_YET' if ratio <= bound else 'not met yet'}"
+             for what, ratio, bound, _ in measured]
+    print("\n" + "\n".join(lines))
+    benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _, _ in measured}
+    missed = [line for line in lines if line.endswith("not met yet")]
+    if missed:
+        pytest.xfail("speed targets not met yet:\n" + "\n".join(missed))
 
 
 # -- where the time goes ----------------------------------------------------------------------
@@ -244,21 +260,19 @@ while time.perf_counter() < end:
 """
 
 
-def line_profile(path: str, seconds: float = 10.0, top: int = 14) -> dict[str, float] | None:
-    """Microseconds per source line of one step of ``path``: py-spy samples a process that runs
-    the step in a loop (sampling does not slow the lines it measures, as a tracing profiler
-    would); each sample counts for the line it was in (a C call counts for the line that made
-    it), and the shares of the step's samples are scaled to the step's measured time. None
-    without py-spy on PATH."""
+def line_profile(path: str, total: float, seconds: float = 10.0,
+                 top: int = 14) -> dict[str, float] | None:
+    """Microseconds per source line of one step of ``path`` that takes ``total`` us: py-spy
+    samples a process that runs the step in a loop (sampling does not slow the lines it
+    measures, as a tracing profiler would); each sample counts for the line it was in (a C call
+    counts for the line that made it), and the shares of the step's samples are scaled to
+    ``total``. None without py-spy on PATH."""
     import shutil
     import subprocess
     import tempfile
 
     if shutil.which("py-spy") is None:
         return None
-    step = make_step(path)[0]
-    step()
-    total = min(timeit.repeat(step, number=1000, repeat=15)) / 1000 * 1e6
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,14 +314,14 @@ def main() -> None:
         for piece, us in pieces.items():
             print(f"    {us:6.2f} us  {piece}")
     for path in ("rmsprop_update", "flat", "list", "torch"):
-        try:
-            lines = line_profile(path)
-        except pytest.skip.Exception:
+        if path not in best:
             continue
+        lines = line_profile(path, best[path] * 1e6)
         if lines is None:
             print("\n(py-spy is not on PATH: no time per line)")
             break
-        print(f"\n{path}: {lines.pop('total'):.2f} us per step, by line (py-spy samples)")
+        print(f"\n{path}: {lines.pop('total'):.2f} us per step (the interleaved best above), "
+              f"by line (shares of py-spy samples)")
         for line, us in lines.items():
             print(f"    {us:6.2f} us  {line}")
 
