@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -13,9 +13,10 @@ The paths, each one optimizer step with torch's defaults:
   with its pointers made beforehand.
 
 Targets (issue 17), time(path) / time(roofline): rmsprop_update <= 1.2, flat <= 1.3, list <= 2,
-torch <= 4. ``test_speed_targets`` (last, ``--benchmark-only``) times the paths interleaved
-(bench/targets.py) and checks them; the targets not met yet are listed in ``NOT_MET_YET`` and
-reported without failing. ``python bench/bench_small_models.py`` prints the ratios and where
+torch <= 4. With ``--benchmark-only``, ``test_speed_targets`` times the paths again interleaved
+(bench/targets.py) and checks the targets met so far; those listed in ``NOT_MET_YET`` are
+printed by ``test_speed_targets_not_met_yet``, which xfails while any is missed (so a run with
+timings stays green until they are met, and says so when one is). ``python bench/bench_small_models.py`` prints the ratios and where
 the time of each path goes (``cost_breakdown``: microseconds per piece, each piece timed on
 its own). With ``--benchmark-disable`` the file is a quick correctness test: each path runs
 once, and ``test_paths_agree`` checks that the fastrms paths give the reference's bits.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import timeit
 
 import numpy as np
 import pytest
@@ -147,41 +147,52 @@ def ratios(rounds: int = 60) -> tuple[dict[str, float], dict[str, float]]:
     return {path: seconds / best["roofline"] for path, seconds in best.items()}, best
 
 
-def _target_ratios():
-    if not {"roofline"} <= _measured:
-        return []
-    measured, _ = ratios()
-    result = []
-    for path, bound in TARGETS.items():
-        if path not in measured or path not in _measured:
-            continue
-        label = f"{path} / roofline ({N} elements)"
-        if path in NOT_MET_YET:
-            state = "met" if measured[path] <= bound else "not met yet"
-            print(f"\n{label} = {measured[path]:.2f} (target <= {bound}, {state}; not enforced)")
-            continue
-        result.append((label, measured[path], bound, True))
-    return result
+_ratios_measured: dict[str, float] = {}
+
+
+def _measured_ratios() -> dict[str, float]:
+    """The paths' ratios, timed once per session (after the benchmarks ran them)."""
+    if not _ratios_measured and "roofline" in _measured:
+        _ratios_measured.update(ratios()[0])
+    return _ratios_measured
+
+
+def _target_ratios(enforced: bool):
+    measured = _measured_ratios()
+    return [(f"{path} / roofline ({N} elements)", measured[path], bound, True)
+            for path, bound in TARGETS.items()
+            if path in measured and path in _measured and (path not in NOT_MET_YET) == enforced]
 
 
 def test_speed_targets(benchmark, request):
-    """The targets as ratios of interleaved timings (runs last in this file)."""
-    check_targets(benchmark, request, _target_ratios)
+    """The targets met so far, as ratios of interleaved timings (runs after the benchmarks)."""
+    check_targets(benchmark, request, lambda: _target_ratios(enforced=True))
+
+
+def test_speed_targets_not_met_yet(benchmark, request):
+    """The targets in NOT_MET_YET: measured and printed; xfail while missed."""
+    if request.config.getoption("benchmark_disable", False):
+        pytest.skip("needs timings: run with --benchmark-only")
+    measured = benchmark.pedantic(lambda: _target_ratios(enforced=False), rounds=1,
+                                  iterations=1)
+    lines = [f"{what} = {ratio:.2f} (target <= {bound}): "
+             f"{'met: remove it from NOT_MET_YET' if ratio <= bound else 'not met yet'}"
+             for what, ratio, bound, _ in measured]
+    print("\n" + "\n".join(lines))
+    benchmark.extra_info["ratios"] = {what: round(ratio, 3) for what, ratio, _, _ in measured}
+    missed = [line for line in lines if line.endswith("not met yet")]
+    if missed:
+        pytest.xfail("speed targets not met yet:\n" + "\n".join(missed))
 
 
 # -- where the time goes ----------------------------------------------------------------------
 
-def _seconds(call, number=2000, repeat=15) -> float:
-    call()
-    return min(timeit.repeat(call, number=number, repeat=repeat)) / number
-
-
-def cost_breakdown() -> dict[str, dict[str, float]]:
-    """Microseconds per piece of each path's call, each piece timed on its own (best of many),
-    pieces listed in the order a call runs them. The pieces are the code of fastrms/_update.py,
-    fastrms/backends/c_backend.py, fastrms/optimizer.py and fastrms/torch.py as they stand;
-    ``rest`` is the total minus the listed pieces."""
-    from fastrms import _dispatch
+def cost_breakdown(rounds: int = 40) -> dict[str, dict[str, float]]:
+    """Microseconds per piece of a ``rmsprop_update`` call and of the roofline call, in the
+    order a call runs them. Every piece is timed on its own, all interleaved in one process
+    (so that all see the same phases of a noisy machine); the last piece of each is its total
+    minus the others. The pieces are fastrms/_update.py's and fastrms/backends/c_backend.py's
+    code as it stands."""
     from fastrms.backends import c_backend
 
     ffi, lib = c_backend.ffi, c_backend.lib
@@ -192,8 +203,7 @@ def cost_breakdown() -> dict[str, dict[str, float]]:
     coeffs = fastrms.kernel_coefficients(np.float32, lr=LR)
     kernel, buffer_type, struct, flags = c_backend._prepared(coeffs)
     pointers = [ffi.from_buffer(buffer_type, a, True) for a in (p, g, s)]
-    null = ffi.NULL
-    from_buffer = ffi.from_buffer
+    null, from_buffer, roofline = ffi.NULL, ffi.from_buffer, lib.fastrms_roofline_f32
 
     def empty(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
               momentum=0.0, centered=False, maximize=False, eps_in_sqrt=False,
@@ -201,39 +211,43 @@ def cost_breakdown() -> dict[str, dict[str, float]]:
               momentum_buffer=None, grad_avg=None, grad_scale=None, backend=None):
         return None
 
-    pieces = {
-        "Python call of a function with rmsprop_update's signature": lambda: empty(p, g, s, lr=LR),
-        "the kernel through cffi, pointers made beforehand (GIL released)":
-            lambda: kernel(struct, flags, *pointers, null, null, N),
-        "three ffi.from_buffer requests": lambda: (from_buffer(buffer_type, p, True),
-                                                  from_buffer(buffer_type, g, False),
-                                                  from_buffer(buffer_type, s, True)),
-        "_dispatch.context_choice()": _dispatch.context_choice,
-        "c_backend.update_if_ready (from_buffer x3 + kernel)":
-            lambda: c_backend.update_if_ready(coeffs, p, g, s, None, None),
+    t = interleaved_best({
+        "call": lambda: empty(p, g, s, lr=LR),
+        "update kernel, 16 elements": lambda: kernel(struct, flags, *pointers, null, null, 16),
+        "update kernel": lambda: kernel(struct, flags, *pointers, null, null, N),
+        "roofline kernel, 16 elements": lambda: roofline(0, *pointers, null, null, 16),
+        "roofline kernel": lambda: roofline(0, *pointers, null, null, N),
+        "from_buffer x3": lambda: (from_buffer(buffer_type, p, True),
+                                   from_buffer(buffer_type, g, False),
+                                   from_buffer(buffer_type, s, True)),
+        "update_if_ready": lambda: c_backend.update_if_ready(coeffs, p, g, s, None, None),
+        "roofline wrapper": lambda: c_backend.roofline(0, p, g, s),
+        "rmsprop_update": lambda: fastrms.rmsprop_update(p, g, s, lr=LR),
+    }, rounds=rounds)
+    t = {name: seconds * 1e6 for name, seconds in t.items()}
+    return {
+        "rmsprop_update": {
+            "total": t["rmsprop_update"],
+            "the Python call (3 arrays, 1 keyword)": t["call"],
+            "_update.py's own lines (identity test, types, dtypes, shapes, dispatch)":
+                t["rmsprop_update"] - t["call"] - t["update_if_ready"],
+            "3 ffi.from_buffer requests": t["from_buffer x3"],
+            "update_if_ready's own lines": t["update_if_ready"] - t["from_buffer x3"]
+                - t["update kernel"],
+            "cffi call of the kernel (16 elements: the call, GIL release, checks)":
+                t["update kernel, 16 elements"],
+            "the kernel's arithmetic over the other 4,794 elements":
+                t["update kernel"] - t["update kernel, 16 elements"],
+        },
+        "roofline": {
+            "total": t["roofline wrapper"],
+            "3 ffi.from_buffer requests and the wrapper's lines":
+                t["roofline wrapper"] - t["roofline kernel"],
+            "cffi call of the kernel (16 elements)": t["roofline kernel, 16 elements"],
+            "the kernel's arithmetic over the other 4,794 elements":
+                t["roofline kernel"] - t["roofline kernel, 16 elements"],
+        },
     }
-    timed = {name: _seconds(call) * 1e6 for name, call in pieces.items()}
-    total = _seconds(lambda: fastrms.rmsprop_update(p, g, s, lr=LR)) * 1e6
-    update_if_ready = timed["c_backend.update_if_ready (from_buffer x3 + kernel)"]
-    breakdown = {"rmsprop_update": {
-        "total": total,
-        "Python call with 3 arrays and 1 keyword": timed[
-            "Python call of a function with rmsprop_update's signature"],
-        "kernel (cffi call + C, pointers ready)": timed[
-            "the kernel through cffi, pointers made beforehand (GIL released)"],
-        "3 from_buffer requests": timed["three ffi.from_buffer requests"],
-        "update_if_ready's own lines": update_if_ready - timed[
-            "the kernel through cffi, pointers made beforehand (GIL released)"] - timed[
-            "three ffi.from_buffer requests"],
-        "_update.py's checks (identity, types, dtypes, shapes, dispatch)": total - timed[
-            "Python call of a function with rmsprop_update's signature"] - update_if_ready,
-    }}
-    roofline = {"total": _seconds(lambda: c_backend.roofline(0, p, g, s)) * 1e6,
-                "raw cffi call": _seconds(lambda: lib.fastrms_roofline_f32(
-                    0, *pointers, null, null, N)) * 1e6}
-    breakdown["roofline"] = dict(roofline, **{
-        "from_buffer x3 and the wrapper": roofline["total"] - roofline["raw cffi call"]})
-    return breakdown
 
 
 SPIN = r"""
@@ -246,19 +260,19 @@ while time.perf_counter() < end:
 """
 
 
-def line_profile(path: str, seconds: float = 10.0, top: int = 14) -> dict[str, float] | None:
-    """Microseconds per source line of one step of ``path``: py-spy samples a process that runs
-    the step in a loop (sampling does not slow the lines it measures, as a tracing profiler
-    would); each sample counts for the line it was in (a C call counts for the line that made
-    it), and the shares of the step's samples are scaled to the step's measured time. None
-    without py-spy on PATH."""
+def line_profile(path: str, total: float, seconds: float = 10.0,
+                 top: int = 14) -> dict[str, float] | None:
+    """Microseconds per source line of one step of ``path`` that takes ``total`` us: py-spy
+    samples a process that runs the step in a loop (sampling does not slow the lines it
+    measures, as a tracing profiler would); each sample counts for the line it was in (a C call
+    counts for the line that made it), and the shares of the step's samples are scaled to
+    ``total``. None without py-spy on PATH."""
     import shutil
     import subprocess
     import tempfile
 
     if shutil.which("py-spy") is None:
         return None
-    total = _seconds(make_step(path)[0]) * 1e6
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,14 +314,14 @@ def main() -> None:
         for piece, us in pieces.items():
             print(f"    {us:6.2f} us  {piece}")
     for path in ("rmsprop_update", "flat", "list", "torch"):
-        try:
-            lines = line_profile(path)
-        except pytest.skip.Exception:
+        if path not in best:
             continue
+        lines = line_profile(path, best[path] * 1e6)
         if lines is None:
             print("\n(py-spy is not on PATH: no time per line)")
             break
-        print(f"\n{path}: {lines.pop('total'):.2f} us per step, by line (py-spy samples)")
+        print(f"\n{path}: {lines.pop('total'):.2f} us per step (the interleaved best above), "
+              f"by line (shares of py-spy samples)")
         for line, us in lines.items():
             print(f"    {us:6.2f} us  {line}")
 

@@ -445,7 +445,7 @@ def test_bad_calls_return_the_documented_code_and_write_nothing(extension, case)
     lib = extension.lib
     buffer = np.linspace(0.5, 1.5, 64, dtype=np.float32)
     p, g, s = buffer[:16], buffer[16:32], buffer[32:48]
-    b, a = buffer[48:64], np.linspace(0, 1, 16, dtype=np.float32)
+    a = np.linspace(0, 1, 16, dtype=np.float32)  # buffer[48:] stays untouched as well
     before = buffer.tobytes(), a.tobytes()
     momentum, centered = _coefficients.MOMENTUM, _coefficients.CENTERED
     expected, call = {
@@ -489,3 +489,20 @@ def test_all_finite_through_the_table(extension):
     g[37] = np.inf
     assert lib.all_finite_f32(pointer, g.size, 1.0) == 0
     assert lib.all_finite_f32(pointer, g.size, 0.0) == lib.FASTRMS_BAD_SCALE
+
+
+@pytest.mark.parametrize("language,compiler,standard", [("c", "cc", "-std=c99"),
+                                                        ("c++", "c++", "-std=c++11")])
+def test_header_compiles_cleanly_as_c_and_cxx(language, compiler, standard):
+    """The header is for C, C++ (pybind11, nanobind) and Cython extensions alike."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no {compiler} on PATH")
+    proc = subprocess.run([compiler, "-fsyntax-only", "-x", language, standard, "-Wall", "-Wextra",
+                           "-Werror", "-I", fastrms.get_include(), "-I",
+                           sysconfig.get_paths()["include"], "-include", "Python.h", HEADER],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -86,6 +86,10 @@ struct fastrms_api {
     /* -- later versions append here (16-bit storage formats, ...) -- */
 };
 
+/* The size of a version 1 table (its last entry's end): every table is at least this long. */
+#define FASTRMS_API_V1_SIZE                                                                  \
+    (offsetof(struct fastrms_api, parallel_threshold) + sizeof(size_t (*)(void)))
+
 /* Whether a table has an entry (for entries newer than FASTRMS_API_MIN_VERSION). */
 #define FASTRMS_API_HAS(api, entry)                                                          \
     ((api)->size >= offsetof(struct fastrms_api, entry) + sizeof((api)->entry))
@@ -227,8 +231,7 @@ static inline const struct fastrms_api *fastrms_import_api(void) {
     const struct fastrms_api *api =
         (const struct fastrms_api *)PyCapsule_Import(FASTRMS_API_CAPSULE, 0);
     if (api == NULL) return NULL;
-    if (api->version < FASTRMS_API_MIN_VERSION ||
-        api->size < offsetof(struct fastrms_api, parallel_threshold) + sizeof(api->parallel_threshold)) {
+    if (api->version < FASTRMS_API_MIN_VERSION || api->size < FASTRMS_API_V1_SIZE) {
         PyErr_Format(PyExc_ImportError,
                      "fastrms C API version %u is older than version %d, which this extension "
                      "needs: upgrade fastrms", api->version, (int)FASTRMS_API_MIN_VERSION);
