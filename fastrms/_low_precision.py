@@ -4,6 +4,7 @@ timed per call; a 16-bit call leaves that path at its first dtype test.
 """
 from __future__ import annotations
 
+import operator
 from numbers import Integral
 
 import numpy as np
@@ -110,7 +111,11 @@ def rmsprop_update_low_precision(param, grad, square_avg, hyperparameters, *, pa
                                  seed, step, master_param, momentum_buffer, grad_avg, backend):
     """:func:`fastrms.rmsprop_update` for a float16 / bfloat16 ``param`` (an ndarray);
     ``hyperparameters`` are its twelve in kernel_coefficients order, after the dtype."""
-    coeffs = _coefficients.coefficients_for_call(FLOAT32, *hyperparameters)
+    last = _coefficients.last_call  # the same objects as the last call: its coefficients
+    if last[0] is FLOAT32 and all(map(operator.is_, hyperparameters, last[1:13])):
+        coeffs = last[13]
+    else:
+        coeffs = _coefficients.coefficients_for_call(FLOAT32, *hyperparameters)
     key = rounding_key(param_rounding, seed, step, master_param)
     check_arrays_low_precision(param, grad, square_avg, momentum_buffer, grad_avg, master_param,
                                coeffs.uses_momentum, coeffs.centered)
@@ -120,18 +125,22 @@ def rmsprop_update_low_precision(param, grad, square_avg, hyperparameters, *, pa
     check_writeable(param, square_avg, momentum_buffer, grad_avg)
     if master_param is not None and not master_param.flags.writeable:
         raise ValueError("master_param is read-only; it is updated in place and must be writeable")
-    check_no_internal_overlap(param=param, square_avg=square_avg,
-                              momentum_buffer=momentum_buffer, grad_avg=grad_avg,
-                              master_param=master_param)
-    check_no_overlap(*arrays)
     module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
     if param.size == 0:
         return
-    if module is numpy_reference or all(a is None or is_kernel_ready(a) for a in arrays):
+    ready = all(is_kernel_ready(a) for a in arrays if a is not None)
+    if not ready:
+        check_no_internal_overlap(param=param, square_avg=square_avg,
+                                  momentum_buffer=momentum_buffer, grad_avg=grad_avg,
+                                  master_param=master_param)
+    if ready or module is numpy_reference:
+        # Each backend checks that the arrays do not overlap before it writes (the C kernel
+        # itself, the others with check_no_overlap), as on the float32 / float64 fast path.
         module.update_low_precision(coeffs, *arrays, key)
         return
     # Strided or misaligned arrays: gather into contiguous copies, update, scatter back. The
     # random bits follow the element's C-order index, which the copy keeps.
+    check_no_overlap(*arrays)
     copies = [None if a is None else (a if is_kernel_ready(a) else a.copy(order="C"))
               for a in arrays]
     module.update_low_precision(coeffs, *copies, key)
