@@ -15,8 +15,13 @@ from numbers import Integral, Real
 import numpy as np
 
 from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
+from .engine.precision import (MASTER, PRECISION_OPTIONS, check_master_has_targets,
+                               check_precision_options)
 
+_GROUP_KEYS = HYPERPARAMETERS + PRECISION_OPTIONS
+_STATE_NAMES = STATE_BUFFERS + (MASTER,)
 _STATE_KEYS = frozenset(("step",) + STATE_BUFFERS)
+_ENTRY_KEYS = _STATE_KEYS | {MASTER}
 #: Steps are saved as int64.
 _STEP_LIMIT = 2 ** 63
 
@@ -26,10 +31,13 @@ def state_dict(opt) -> dict:
     groups = []
     for g, group in enumerate(opt.param_groups):
         entry = {}
-        for key in HYPERPARAMETERS:
+        for key in _GROUP_KEYS:
             value = group[key]
             if key == "lr" and callable(value):
                 entry[key] = None
+            elif key in PRECISION_OPTIONS:  # checked at every step: a str, an int, a bool
+                entry[key] = value if isinstance(value, str) else \
+                    (bool(value) if key == "master_weights" else int(value))
             else:
                 entry[key] = _as_builtin(value, f"param_groups[{g}][{key!r}]")
         entry["params"] = list(opt._group_indices[g])
@@ -38,7 +46,7 @@ def state_dict(opt) -> dict:
     for bucket, indices in zip(opt._engine.buckets, opt._bucket_indices):
         for pos, i in enumerate(indices):
             entry = {"step": int(bucket.step_count(pos))}
-            for name in STATE_BUFFERS:
+            for name in _STATE_NAMES:
                 arrays = bucket.state[name]
                 if arrays is not None:
                     entry[name] = arrays[pos].copy()
@@ -74,14 +82,15 @@ def load_state_dict(opt, saved: Mapping) -> None:
         hyper = new_hyper[bucket.group]
         required = {"momentum_buffer": hyper["momentum"] != 0 or opt._always_momentum,
                     "grad_avg": bool(hyper["centered"])}
-        arrays = {name: [] for name in STATE_BUFFERS}
+        master = bucket.low_precision and hyper["master_weights"]
+        arrays = {name: [] for name in _STATE_NAMES}
         present: dict[str, bool] = {}
         for pos, i in enumerate(indices):
             where = f"state_dict['state'][{saved_id_of[i]}]"
             entry = entry_of[i]
             if not isinstance(entry, Mapping):
                 raise TypeError(f"{where} must be a mapping, got {type(entry).__name__}")
-            unknown = set(entry) - _STATE_KEYS
+            unknown = set(entry) - _ENTRY_KEYS
             if unknown:
                 raise ValueError(f"{where} has unexpected keys {sorted(map(repr, unknown))}")
             for name in ("step", "square_avg"):
@@ -100,26 +109,31 @@ def load_state_dict(opt, saved: Mapping) -> None:
                 if present.setdefault(name, has) != has:
                     raise ValueError(f"{where}: {name!r} is present for some parameters of "
                                      f"its group and dtype but not others")
+            if (MASTER in entry) != master:
+                raise ValueError(f"{where} {'lacks' if master else 'has'} {MASTER!r}, but "
+                                 f"the saved group has master_weights={bool(master)} and the "
+                                 f"parameter is {bucket.dtype}")
             param = bucket.params[pos]
-            for name in STATE_BUFFERS:
+            for name in _STATE_NAMES:
                 if name in entry:
                     arrays[name].append(_check_state_array(entry[name], param,
+                                                           bucket.state_dtype,
                                                            f"{where}[{name!r}]", own_buffers))
-        new_buffers.append({name: (arrays[name] or None) for name in STATE_BUFFERS})
+        new_buffers.append({name: (arrays[name] or None) for name in _STATE_NAMES})
 
     # Everything fits: write.
     for group, hyper in zip(opt.param_groups, new_hyper):
         group.update(hyper)
     changed = False
     for bucket, buffers in zip(buckets, new_buffers):
-        for name in OPTIONAL_BUFFERS:
+        for name in OPTIONAL_BUFFERS + (MASTER,):
             if buffers[name] is None and bucket.state[name] is not None:
                 bucket.set_state(name, None)
                 changed = True
             elif buffers[name] is not None and bucket.state[name] is None:
                 bucket.allocate(name, 0.0)
                 changed = True
-        for name in STATE_BUFFERS:
+        for name in _STATE_NAMES:
             if buffers[name] is not None:
                 for view, array in zip(bucket.state[name], buffers[name]):
                     np.copyto(view, array)
@@ -143,7 +157,7 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
         where = f"state_dict['param_groups'][{g}]"
         if not isinstance(saved, Mapping):
             raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}")
-        _exact_keys(saved, HYPERPARAMETERS + ("params",), where)
+        _exact_keys(saved, _GROUP_KEYS + ("params",), where)
         ids = saved["params"]
         if not isinstance(ids, (list, tuple)):
             raise TypeError(f"{where}['params'] must be a list of parameter ids")
@@ -157,10 +171,12 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
             if int(saved_id) in index_of:
                 raise ValueError(f"parameter id {saved_id} appears twice in state_dict")
             index_of[int(saved_id)] = i
-        hyper = {key: saved[key] for key in HYPERPARAMETERS}
+        hyper = {key: saved[key] for key in _GROUP_KEYS}
         if hyper["lr"] is None:
             hyper["lr"] = opt.param_groups[g]["lr"]
         check_hyperparameters(hyper, where)
+        check_precision_options(hyper, where)
+        check_master_has_targets(hyper, [p.dtype for p in opt.param_groups[g]["params"]], where)
         new_hyper.append(hyper)
     return new_hyper, index_of
 
@@ -204,10 +220,13 @@ def _check_step(step, where: str) -> int:
     return value
 
 
-def _check_state_array(array, param, where: str, own_buffers: list):
+def _check_state_array(array, param, dtype, where: str, own_buffers: list):
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype != param.dtype:
+    if array.dtype != dtype:
+        if dtype != param.dtype:
+            raise TypeError(f"{where} has dtype {array.dtype} but the state of a "
+                            f"{param.dtype} parameter is {dtype}")
         raise TypeError(f"{where} has dtype {array.dtype} but its parameter has dtype "
                         f"{param.dtype}")
     if array.shape != param.shape:

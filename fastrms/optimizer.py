@@ -19,9 +19,15 @@ from ._validation import check_no_internal_overlap, check_param
 from .checkpoint import state_dict_from_arrays, state_dict_to_arrays
 from .engine import (HYPERPARAMETERS, STATE_BUFFERS, ArrayGradients, Bucket, Engine, StepCounts,
                      check_hyperparameters, check_params_disjoint)
-from .flat import FlatParams
+from .engine.precision import (MASTER, PRECISION_DEFAULTS, PRECISION_OPTIONS,
+                               check_master_has_targets, check_precision_options)
+from .flat import PARAM_DTYPES, FlatParams
 
-__all__ = ["HYPERPARAMETERS", "RMSprop", "state_dict_from_arrays", "state_dict_to_arrays"]
+#: Every key of a parameter group besides "params", in state_dict order.
+GROUP_KEYS = HYPERPARAMETERS + PRECISION_OPTIONS
+_STATE_NAMES = STATE_BUFFERS + (MASTER,)
+
+__all__ = ["GROUP_KEYS", "HYPERPARAMETERS", "RMSprop", "state_dict_from_arrays", "state_dict_to_arrays"]
 
 
 class _Default:
@@ -48,14 +54,15 @@ class RMSprop:
     (docs/contract.md), the same bits as :func:`fastrms.rmsprop_update`.
 
     ``params`` is one of
-      - a list of float32 / float64 arrays of any shapes (dtypes may mix), updated in place;
+      - a list of float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``) arrays of any
+        shapes (dtypes may mix), updated in place;
       - a list of parameter-group dicts, ``{"params": [...], "lr": 3e-3, ...}``, each key
-        overriding the defaults for that group (keys: ``"params"`` and :data:`HYPERPARAMETERS`);
+        overriding the defaults for that group (keys: ``"params"`` and :data:`GROUP_KEYS`);
       - a :class:`fastrms.FlatParams`: then ``step()`` takes no argument, reads ``flat.grads``,
         and makes one fused call per dtype.
 
     ``step(grads)`` takes one gradient per parameter, in group order: an array of the
-    parameter's shape and dtype (no casting). C-contiguous, aligned gradients are read in place;
+    parameter's shape and dtype (no casting; float32 also for a 16-bit parameter). C-contiguous, aligned gradients are read in place;
     others are copied first. Every hyperparameter and gradient is checked before anything is
     written; an error leaves parameters and state untouched. A gradient must not share memory
     with a parameter or the optimizer's state (the same gradient array for several parameters is
@@ -81,6 +88,17 @@ class RMSprop:
     buffers. The backend is chosen per call as by :func:`fastrms.rmsprop_update`: ``backend=``,
     then ``use_backend``, ``set_backend``, ``FASTRMS_BACKEND``, then automatic.
 
+    float16 / bfloat16 parameters keep float32 state and are updated as by
+    :func:`fastrms.rmsprop_update` (float32 arithmetic), written back by the group options
+    ``param_rounding`` (``"nearest"``, the default, or ``"stochastic"``) and ``seed`` (an int in
+    [0, 2**64), default 0, saved in the state dict): parameter ``i`` at its ``t``-th step rounds
+    with ``seed=parameter_seed(seed, i), step=t`` (:mod:`fastrms.engine.precision`), so a
+    resumed run continues the same random stream. ``master_weights=True`` keeps a float32 copy
+    of each 16-bit parameter (state key ``"master_param"``, in checkpoints too); the update runs
+    on it and the parameter receives its nearest 16-bit value. It needs a 16-bit parameter in
+    its group and nearest rounding. float32 / float64 parameters are written exactly whatever
+    these options say.
+
     Example:
         >>> import numpy as np, fastrms
         >>> w, b = np.ones((3, 2), np.float32), np.zeros(2, np.float32)
@@ -95,13 +113,21 @@ class RMSprop:
         >>> checked = fastrms.RMSprop([w, b], skip_nonfinite=True)
         >>> checked.step([np.full((3, 2), np.inf, np.float32), np.ones(2, np.float32)])
         False
+        >>> import ml_dtypes
+        >>> h = np.ones(4, ml_dtypes.bfloat16)
+        >>> low = fastrms.RMSprop([h], lr=1e-3, param_rounding="stochastic", seed=7)
+        >>> low.step([np.full(4, 0.5, np.float32)])
+        True
+        >>> low.state_dict()["param_groups"][0]["seed"]
+        7
     """
 
     def __init__(self, params, lr=_DEFAULT, alpha=_DEFAULT, eps=_DEFAULT, weight_decay=_DEFAULT,
                  momentum=_DEFAULT, centered=_DEFAULT, maximize=_DEFAULT, *,
                  eps_in_sqrt=_DEFAULT, lr_in_momentum=_DEFAULT, nesterov=_DEFAULT,
                  decoupled_weight_decay=_DEFAULT, initial_square_avg=_DEFAULT, preset=None,
-                 backend=None, skip_nonfinite=False):
+                 backend=None, skip_nonfinite=False, param_rounding="nearest", seed=0,
+                 master_weights=False):
         preset_row = presets.get(preset)
         given = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                      centered=centered, maximize=maximize, eps_in_sqrt=eps_in_sqrt,
@@ -110,6 +136,8 @@ class RMSprop:
                      initial_square_avg=initial_square_avg)
         defaults = preset_row.defaults()
         defaults.update((k, v) for k, v in given.items() if v is not _DEFAULT)
+        defaults.update(param_rounding=param_rounding, seed=seed, master_weights=master_weights)
+        check_precision_options(defaults, "RMSprop")
         #: The defaults every group starts from (the preset's, then the explicit arguments).
         self.defaults = defaults
         #: The preset in force ("torch" when none was named).
@@ -133,6 +161,8 @@ class RMSprop:
             # Subclasses (np.matrix, masked arrays) are updated as the plain memory they hold.
             group["params"] = [p if type(p) is np.ndarray else p.view(np.ndarray)
                                for p in group["params"]]
+            check_master_has_targets(group, [p.dtype for p in group["params"]],
+                                     f"param_groups[{g}]")
             all_params.extend(group["params"])
             self.param_groups.append(group)
         if not all_params:
@@ -164,7 +194,8 @@ class RMSprop:
                 bucket = Bucket(g, dtype, [self._params[i][...] for i in members], counts,
                                 [counts.new_slot() for _ in members],
                                 flat.param_buffers[dtype] if flat is not None else None,
-                                flat.grad_buffers[dtype] if flat is not None else None)
+                                flat.grad_buffers[dtype] if flat is not None else None,
+                                ids=members)
                 bucket.allocate_initial(group, self._always_momentum)
                 buckets.append(bucket)
                 self._bucket_indices.append(members)
@@ -250,7 +281,7 @@ class RMSprop:
             for pos, i in enumerate(indices):
                 entry = out[i]
                 entry["step"] = int(bucket.step_count(pos))
-                for name in STATE_BUFFERS:
+                for name in _STATE_NAMES:
                     arrays = bucket.state[name]
                     if arrays is not None:
                         entry[name] = arrays[pos][...]  # a new view: ours stay as they are
@@ -259,11 +290,13 @@ class RMSprop:
     def flat_state(self) -> list[dict]:
         """The flat state buffers, one dict per (group, dtype) bucket: ``group``, ``dtype``,
         ``params`` (parameter indices in buffer order), ``square_avg``, ``momentum_buffer`` and
-        ``grad_avg`` (None when absent). For a FlatParams optimizer they line up element for
+        ``grad_avg`` (None when absent), and for a 16-bit bucket ``master_param``. For a FlatParams optimizer they line up element for
         element with ``flat.param_buffers[dtype]``."""
         return [{"group": b.group, "dtype": b.dtype, "params": list(indices),
                  **{name: None if b.flat[name] is None else b.flat[name][...]
-                    for name in STATE_BUFFERS}}
+                    for name in STATE_BUFFERS},
+                 **({MASTER: None if b.flat[MASTER] is None else b.flat[MASTER][...]}
+                    if b.low_precision else {})}
                 for b, indices in zip(self._engine.buckets, self._bucket_indices)]
 
     def state_dict(self) -> dict:
@@ -298,7 +331,8 @@ class RMSprop:
                 "skip_nonfinite": self.skip_nonfinite, "state": self.state_dict()}
 
     def __setstate__(self, saved: dict) -> None:
-        defaults = dict(saved["defaults"])
+        defaults = dict(PRECISION_DEFAULTS)
+        defaults.update(saved["defaults"])
         self.__init__(saved["params"], preset=saved["preset"], backend=saved["backend"],
                       skip_nonfinite=saved["skip_nonfinite"], **defaults)
         self.load_state_dict(saved["state"])
@@ -308,7 +342,7 @@ class RMSprop:
         lines = [f"RMSprop(preset={self.preset!r}, backend={self._backend!r}, "
                  f"skip_nonfinite={self.skip_nonfinite}, layout={layout!r},"]
         for g, group in enumerate(self.param_groups):
-            hyper = ", ".join(f"{k}={group[k]!r}" for k in HYPERPARAMETERS)
+            hyper = ", ".join(f"{k}={group[k]!r}" for k in GROUP_KEYS)
             lines.append(f"  group {g}: {len(group['params'])} params, {hyper}")
         return "\n".join(lines) + ")"
 
@@ -345,10 +379,10 @@ def _make_group(g: int, raw: dict, defaults: dict, preset_name: str) -> dict:
     where = f"param_groups[{g}]"
     if "params" not in raw:
         raise ValueError(f"{where} has no 'params' key")
-    unknown = set(raw) - set(HYPERPARAMETERS) - {"params"}
+    unknown = set(raw) - set(GROUP_KEYS) - {"params"}
     if unknown:
         raise ValueError(f"{where} has unknown keys {sorted(map(repr, unknown))}; a group may set "
-                         f"'params' and {', '.join(HYPERPARAMETERS)}")
+                         f"'params' and {', '.join(GROUP_KEYS)}")
     params = raw["params"]
     if isinstance(params, FlatParams):
         raise TypeError(f"{where}: pass a FlatParams as the whole params argument, not inside "
@@ -360,12 +394,14 @@ def _make_group(g: int, raw: dict, defaults: dict, preset_name: str) -> dict:
         raise TypeError(f"{where}: lr is required with preset {preset_name!r} (the framework "
                         f"has no default learning rate)")
     check_hyperparameters(group, where)
+    check_precision_options(group, where)
     group["params"] = params
     return group
 
 
 def _check_param(p, where: str) -> None:
-    check_param(p, where)
+    if not (isinstance(p, np.ndarray) and p.dtype in PARAM_DTYPES):
+        check_param(p, where, accepted="float32, float64, float16 or bfloat16")
     if not p.flags.writeable:
         raise ValueError(f"{where} is read-only; parameters are updated in place")
     check_no_internal_overlap(**{where: p})

@@ -1243,7 +1243,9 @@ REPLACEMENTS = {
     "leading-axis": lambda a: a[None],
     "flattened-or-2d": lambda a: a.reshape(-1) if a.ndim != 1 else a[:, None],
     "one-short": lambda a: a.reshape(-1)[:-1] if a.size else np.zeros(1, a.dtype),
-    "fortran-transposed": lambda a: np.asfortranarray(a.T) if a.ndim >= 2 else a[None, None],
+    # (a cube transposed keeps its shape: a valid array, so it gets the extra axes instead)
+    "fortran-transposed": lambda a: (np.asfortranarray(a.T) if a.ndim >= 2 and a.T.shape != a.shape
+                                     else np.asfortranarray(a[None, None])),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import fastrms
 from fastrms import backends
 from fastrms.flat import FlatParams
-from fastrms.optimizer import (HYPERPARAMETERS, RMSprop, state_dict_from_arrays,
+from fastrms.optimizer import (GROUP_KEYS, HYPERPARAMETERS, RMSprop, state_dict_from_arrays,
                                state_dict_to_arrays)
 
 SHAPES = [(7, 5), (13,), (3, 2, 2), (), (0,)]
@@ -288,7 +288,7 @@ def test_state_is_initialised_like_torch():
     ([], ValueError, "empty"),
     (np.ones(3), TypeError, "list of arrays"),
     ([[1.0, 2.0]], TypeError, "numpy.ndarray"),
-    ([np.ones(3, np.int64)], TypeError, "float32 or float64"),
+    ([np.ones(3, np.int64)], TypeError, "float32, float64, float16 or bfloat16"),
     ([np.ones(3), {"params": [np.ones(2)]}], TypeError, "mixes"),
     ([{"params": [np.ones(2)], "lrr": 1.0}], ValueError, "unknown keys"),
     ([{"lr": 1.0}], ValueError, "no 'params'"),
@@ -475,7 +475,7 @@ def _assert_builtins_and_arrays(value):
         for v in value:
             _assert_builtins_and_arrays(v)
     else:
-        assert value is None or type(value) in (bool, int, float, np.ndarray), type(value)
+        assert value is None or type(value) in (bool, int, float, str, np.ndarray), type(value)
 
 
 def _resumable_optimizer(params, lr_schedule):
@@ -545,7 +545,7 @@ def test_state_dict_arrays_are_copies_and_layout_is_documented():
     assert saved["state"][0]["square_avg"].tobytes() == square.tobytes()
     flat = state_dict_to_arrays(saved)
     assert set(flat) == {"state/0/step", "state/0/square_avg", "state/0/momentum_buffer",
-                         *(f"param_groups/0/{k}" for k in HYPERPARAMETERS),
+                         *(f"param_groups/0/{k}" for k in GROUP_KEYS),
                          "param_groups/0/params"}
     assert flat["param_groups/0/params"].tolist() == [0]
     assert flat["state/0/step"].shape == ()

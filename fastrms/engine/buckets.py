@@ -13,12 +13,19 @@ sharded optimizer's shards. Two layouts:
 
 A bucket may step only some of its parameters (a torch parameter whose ``.grad`` is None):
 :meth:`Bucket.select` fixes which, and the lists handed to the kernel are built once per selection.
+
+A float16 / bfloat16 bucket keeps float32 state (and, with master weights, a float32 copy of its
+parameters, the ``"master_param"`` state buffer) and steps through the backend's
+``update_many_low_precision`` (``update_low_precision`` for a flat bucket rounding to nearest),
+with the rounding options of :mod:`.precision`.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .._codecs import FLOAT32
 from .._validation import is_kernel_ready
+from .precision import MASTER, is_low_precision, key_bases, step_keys
 
 STATE_BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
 OPTIONAL_BUFFERS = ("momentum_buffer", "grad_avg")
@@ -87,15 +94,27 @@ class Bucket:
     per-parameter arrays, or None while that buffer is off. ``flat``: the flat buffers of the
     flat layout (``"param"``, ``"grad"`` and each state buffer), all None in the list layout.
     ``slots``: each parameter's slot in ``counts`` (a :class:`StepCounts`).
+
+    16-bit buckets: ``state_dtype`` is float32 (else the parameters' dtype); ``ids`` are the
+    parameters' ids in their optimizer (they pick the stochastic rounding streams, see
+    :mod:`.precision`; default 0, 1, ...); ``precision`` is ``(param_rounding, seed,
+    master_weights)`` for the next run, set by :meth:`Engine.plan
+    <fastrms.engine.Engine.plan>`.
     """
 
     __slots__ = ("group", "dtype", "params", "count", "offsets", "size", "state", "flat",
-                 "unready", "caches", "counts", "slots", "_step_groups", "chosen", "_lists")
+                 "unready", "caches", "counts", "slots", "_step_groups", "chosen", "_lists",
+                 "state_dtype", "low_precision", "ids", "precision", "_bases")
 
     def __init__(self, group: int, dtype, params: list, counts: StepCounts, slots: list,
-                 flat_param=None, flat_grad=None):
+                 flat_param=None, flat_grad=None, ids=None):
         self.group = group
         self.dtype = np.dtype(dtype)
+        self.low_precision = is_low_precision(self.dtype)
+        self.state_dtype = FLOAT32 if self.low_precision else self.dtype
+        self.ids = list(range(len(params))) if ids is None else list(ids)
+        self.precision = ("nearest", 0, False)
+        self._bases = None  # (seed, key bases of self.ids)
         self.params = list(params)
         self.count = len(self.params)
         offsets = [0]
@@ -103,8 +122,8 @@ class Bucket:
             offsets.append(offsets[-1] + p.size)
         self.offsets = offsets
         self.size = offsets[-1]
-        self.state: dict[str, list | None] = dict.fromkeys(STATE_BUFFERS)
-        self.flat: dict[str, np.ndarray | None] = dict.fromkeys(_STREAMS + ("grad",))
+        self.state: dict[str, list | None] = dict.fromkeys(STATE_BUFFERS + (MASTER,))
+        self.flat: dict[str, np.ndarray | None] = dict.fromkeys(_STREAMS + ("grad", MASTER))
         self.flat["param"], self.flat["grad"] = flat_param, flat_grad
         #: Positions of parameters the kernels cannot take as they are (strided or misaligned).
         self.unready = [k for k, p in enumerate(self.params) if not is_kernel_ready(p)]
@@ -125,7 +144,7 @@ class Bucket:
 
     def allocate(self, name: str, fill) -> None:
         """A new state buffer at ``fill``: one flat buffer, with a view per parameter."""
-        buffer = np.full(self.size, fill, self.dtype)
+        buffer = np.full(self.size, fill, self.state_dtype)
         self.set_state(name, [buffer[lo:hi].reshape(p.shape) for lo, hi, p in
                               zip(self.offsets, self.offsets[1:], self.params)], buffer)
 
@@ -134,9 +153,10 @@ class Bucket:
         :data:`~fastrms.engine.HYPERPARAMETERS`): ``square_avg`` at ``initial_square_avg``, and
         zero ``momentum_buffer`` (when momentum is on, or always with ``always_momentum``) and
         ``grad_avg`` (when centered). ``ValueError`` when the initial value overflows the dtype;
-        nothing is allocated then."""
+        nothing is allocated then. A 16-bit bucket of a group with ``master_weights`` gets its
+        float32 master copy."""
         with np.errstate(over="ignore"):
-            initial = self.dtype.type(group["initial_square_avg"])
+            initial = self.state_dtype.type(group["initial_square_avg"])
         if not np.isfinite(initial):
             raise ValueError(f"param_groups[{self.group}]: initial_square_avg too large for "
                              f"{self.dtype}")
@@ -145,6 +165,19 @@ class Bucket:
             self.allocate("momentum_buffer", 0.0)
         if group["centered"]:
             self.allocate("grad_avg", 0.0)
+        if self.low_precision and group.get("master_weights", False):
+            self.allocate_master()
+
+    def allocate_master(self) -> None:
+        """The float32 master copy of a 16-bit bucket, from the parameters' values (exact)."""
+        if self.is_flat:
+            buffer = self.flat["param"].astype(FLOAT32)
+        else:
+            buffer = np.empty(self.size, FLOAT32)
+            for lo, hi, p in zip(self.offsets, self.offsets[1:], self.params):
+                buffer[lo:hi] = p.reshape(-1)
+        self.set_state(MASTER, [buffer[lo:hi].reshape(p.shape) for lo, hi, p in
+                                zip(self.offsets, self.offsets[1:], self.params)], buffer)
 
     def set_state(self, name: str, arrays: list | None, flat=None) -> None:
         """Install (or, with None, drop) a state buffer: per-parameter arrays and, in the flat
@@ -194,7 +227,12 @@ class Bucket:
         lists = self._lists
         if lists is None:
             chosen = self.chosen
-            if self.is_flat:
+            if self.is_flat and self.low_precision:  # one view per parameter (its own key)
+                ks = range(self.count) if chosen is None else chosen
+                lists = {name: (None if flat is None else
+                                [flat[self.offsets[k]:self.offsets[k + 1]] for k in ks])
+                         for name, flat in self.flat.items()}
+            elif self.is_flat:
                 runs = self._runs()
                 lists = {name: (None if flat is None else [flat[lo:hi] for lo, hi in runs])
                          for name, flat in self.flat.items()}
@@ -234,6 +272,9 @@ class Bucket:
         chosen parameters (checked by the front end), or ``addresses`` their data addresses (an
         ``np.uintp`` array) for a backend with ``update_many_at_addresses``. The flat layout
         reads the flat gradient buffer."""
+        if self.low_precision:
+            self._run_low_precision(coeffs, module, grads)
+            return
         momentum = coeffs.uses_momentum
         centered = coeffs.centered
         flat = self.flat
@@ -273,6 +314,51 @@ class Bucket:
             if cache is None:
                 cache = self.caches[update_many] = {}
             update_many(*arguments, cache=cache)
+
+    def _run_low_precision(self, coeffs, module, grads) -> None:
+        """:meth:`run` for a float16 / bfloat16 bucket, rounding as ``self.precision`` says."""
+        stochastic = self.precision[0] == "stochastic"
+        optional = (coeffs.uses_momentum, coeffs.centered)
+        flat = self.flat
+        if flat["param"] is not None and self.chosen is None and not stochastic:
+            module.update_low_precision(
+                coeffs, flat["param"], flat["grad"], flat["square_avg"],
+                flat["momentum_buffer"] if optional[0] else None,
+                flat["grad_avg"] if optional[1] else None, flat[MASTER], None)
+            return
+        lists = self._kernel_lists()
+        if flat["param"] is not None:
+            grads = lists["grad"]
+        keys = self.keys(self.precision[1]) if stochastic else None
+        params = lists["param"]
+        unready = self.unready if self.chosen is None else ()
+        if unready:
+            params = list(params)
+            for k in unready:
+                params[k] = np.array(params[k], order="C", copy=True)
+        arguments = (coeffs, params, grads, lists["square_avg"],
+                     lists["momentum_buffer"] if optional[0] else None,
+                     lists["grad_avg"] if optional[1] else None, lists[MASTER], keys)
+        if unready:
+            module.update_many_low_precision(*arguments)
+            for k in unready:
+                self.params[k][...] = params[k]
+        else:
+            cache = self.caches.get(module.update_many_low_precision)
+            if cache is None:
+                cache = self.caches[module.update_many_low_precision] = {}
+            module.update_many_low_precision(*arguments, cache=cache)
+
+    def keys(self, seed: int) -> np.ndarray:
+        """The stochastic rounding keys (uint64) of the chosen parameters for the step they
+        take next: parameter id ``i`` at its 1-based step ``t`` (see :mod:`.precision`)."""
+        bases = self._bases
+        if bases is None or bases[0] != seed:
+            bases = self._bases = (seed, key_bases(seed, self.ids))
+        chosen = self.chosen
+        slots = self.slots if chosen is None else [self.slots[k] for k in chosen]
+        steps = np.fromiter((self.counts.get(slot) for slot in slots), np.uint64, len(slots))
+        return step_keys(bases[1] if chosen is None else bases[1][chosen], steps + np.uint64(1))
 
     def run_range(self, coeffs, module, lo: int, hi: int, grad: np.ndarray) -> None:
         """One kernel call for elements ``[lo, hi)`` of a flat bucket's buffers, reading ``grad``

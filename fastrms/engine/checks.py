@@ -15,6 +15,8 @@ from collections.abc import Callable
 import cffi
 import numpy as np
 
+from .._codecs import FLOAT32, LOW_PRECISION_DTYPES
+
 try:
     from numpy.lib.array_utils import byte_bounds
 except ImportError:  # pragma: no cover - NumPy < 2
@@ -103,7 +105,8 @@ class ArrayGradients:
     (an :class:`~fastrms.engine.Engine`'s, rebuilt when a buffer is added). :meth:`check`
     returns the gradients (strided or misaligned ones replaced by C-contiguous copies;
     subclasses viewed as plain arrays) and their data addresses as an ``np.uintp`` array, or
-    raises with nothing written.
+    raises with nothing written. A float16 / bfloat16 parameter's gradient has its dtype or
+    float32.
     """
 
     __slots__ = ("dtypes", "shapes", "nbytes", "align_mask", "owner", "label")
@@ -127,11 +130,15 @@ class ArrayGradients:
                     and set(map(type, grads)) == _NDARRAY_ONLY)
         except AttributeError:
             fits = False
+        nbytes, align_mask = self.nbytes, self.align_mask
         if not fits:
             for k, (g, dtype, shape) in enumerate(zip(grads, self.dtypes, self.shapes)):
                 self._check_one(k, g, dtype, shape)
             # Subclasses (np.matrix, masked arrays) are read as the plain memory they hold.
             grads = [g if type(g) is _ndarray else g.view(_ndarray) for g in grads]
+            if list(map(get_dtype, grads)) != self.dtypes:  # float32 gradients of 16-bit params
+                nbytes = np.array([g.nbytes for g in grads], dtype=np.uintp)
+                align_mask = np.array([g.itemsize - 1 for g in grads], dtype=np.uintp)
         try:
             keep = _ffi.new(_POINTER_ARRAY, list(map(_from_buffer, _CHAR_ARRAYS, grads)))
         except (ValueError, BufferError):  # some are not C-contiguous: NULL marks them
@@ -142,13 +149,15 @@ class ArrayGradients:
         # buffers skips a dozen NumPy calls per step.
         regions = self.owner.regions
         clean = regions.clean
-        if clean is not None and np.array_equal(lo, clean):
+        same_sizes = nbytes is self.nbytes  # the verdict of `clean` is for these sizes only
+        if same_sizes and clean is not None and np.array_equal(lo, clean):
             return grads, lo
         strided = lo == 0
-        misaligned = (lo & self.align_mask) != 0
-        suspects = strided | misaligned | regions.may_overlap(lo, self.nbytes)
+        misaligned = (lo & align_mask) != 0
+        suspects = strided | misaligned | regions.may_overlap(lo, nbytes)
         if not suspects.any():
-            regions.clean = lo.copy()
+            if same_sizes:
+                regions.clean = lo.copy()
             return grads, lo
         # The rare path: exact checks, then copies of what the kernels cannot read directly.
         grads = list(grads)
@@ -167,7 +176,11 @@ class ArrayGradients:
         label = self.label(k)
         if not isinstance(g, np.ndarray):
             raise TypeError(f"{label} must be a numpy.ndarray, got {type(g).__name__}")
-        if g.dtype != dtype:
+        if g.dtype != dtype and not (dtype in LOW_PRECISION_DTYPES and g.dtype == FLOAT32):
+            if dtype in LOW_PRECISION_DTYPES:
+                raise TypeError(f"{label} has dtype {g.dtype} but its parameter has dtype "
+                                f"{dtype}: a {dtype} parameter takes a gradient of dtype "
+                                f"{dtype} or float32")
             raise TypeError(f"{label} has dtype {g.dtype} but its parameter has dtype {dtype}")
         if g.shape != shape:
             raise ValueError(f"{label} has shape {g.shape} but its parameter has shape {shape}")

@@ -12,6 +12,7 @@ from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
 from .hyperparameters import HYPERPARAMETERS, group_coefficients
+from .precision import MASTER, check_master_has_targets, check_precision_options
 
 #: The group keys that make coefficients (lr and grad_scale come per step).
 _GROUP_KEYS = tuple(k for k in HYPERPARAMETERS if k not in ("lr", "initial_square_avg"))
@@ -69,12 +70,17 @@ class Engine:
         """``(bucket, coefficients, backend module)`` for every bucket, in bucket order. Checks
         every hyperparameter and writes nothing. ``lrs[g]``, when given, is group g's learning
         rate for this step (a front end that reads tensors or schedules its own way); otherwise
-        ``group["lr"]``, called with the 1-based step number when it is callable."""
+        ``group["lr"]``, called with the 1-based step number when it is callable. Each 16-bit
+        bucket takes its group's rounding options (``bucket.precision``) for the run that
+        follows."""
         plan = []
         for g, buckets in enumerate(self.group_buckets):
             if not buckets:
                 continue
             group = groups[g]
+            precision = check_precision_options(group, f"param_groups[{g}]")
+            if precision[2]:
+                check_master_has_targets(group, [b.dtype for b in buckets], f"param_groups[{g}]")
             if lrs is not None:
                 lr = lrs[g]
             else:
@@ -97,6 +103,8 @@ class Engine:
                     self._last_coefficients[g] = coefficients
             backend = self.backend
             for bucket, coeffs in zip(buckets, coefficients):
+                if bucket.low_precision:
+                    bucket.precision = precision
                 plan.append((bucket, coeffs,
                              resolve_module(backend, bucket.size, bucket.dtype, coeffs.flags)))
         return plan
@@ -112,9 +120,17 @@ class Engine:
         return True
 
     def switch_on(self, plan) -> None:
-        """Buffers switched on since they were made (momentum or centered) start at zero."""
+        """Buffers switched on since they were made (momentum or centered) start at zero; a
+        16-bit bucket's master copy starts at its parameters' values, and goes when its group
+        turns ``master_weights`` off (the parameters hold the nearest values)."""
         changed = False
         for bucket, coeffs, *_ in plan:
+            if bucket.low_precision and bucket.precision[2] != (bucket.state[MASTER] is not None):
+                if bucket.precision[2]:
+                    bucket.allocate_master()
+                else:
+                    bucket.set_state(MASTER, None)
+                changed = True
             if coeffs.uses_momentum and bucket.state["momentum_buffer"] is None:
                 self._allocate(bucket, "momentum_buffer")
                 changed = True
