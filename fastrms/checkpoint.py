@@ -26,12 +26,22 @@ _ENTRY_KEYS = _STATE_KEYS | {MASTER}
 _STEP_LIMIT = 2 ** 63
 
 
+def group_keys(opt) -> tuple:
+    """The keys of every saved group: the 16-bit options too when the optimizer holds a float16
+    / bfloat16 parameter (a float32 / float64 optimizer's checkpoints keep the layout they had
+    before those options, the sharded optimizer's)."""
+    if any(bucket.low_precision for bucket in opt._engine.buckets):
+        return _GROUP_KEYS
+    return HYPERPARAMETERS
+
+
 def state_dict(opt) -> dict:
     """:meth:`fastrms.RMSprop.state_dict`."""
     groups = []
+    keys = group_keys(opt)
     for g, group in enumerate(opt.param_groups):
         entry = {}
-        for key in _GROUP_KEYS:
+        for key in keys:
             value = group[key]
             if key == "lr" and callable(value):
                 entry[key] = None
@@ -82,7 +92,7 @@ def load_state_dict(opt, saved: Mapping) -> None:
         hyper = new_hyper[bucket.group]
         required = {"momentum_buffer": hyper["momentum"] != 0 or opt._always_momentum,
                     "grad_avg": bool(hyper["centered"])}
-        master = bucket.low_precision and hyper["master_weights"]
+        master = bucket.low_precision and hyper["master_weights"]  # its optimizer saves it
         arrays = {name: [] for name in _STATE_NAMES}
         present: dict[str, bool] = {}
         for pos, i in enumerate(indices):
@@ -153,11 +163,12 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
                          f"optimizer has {len(opt.param_groups)}")
     new_hyper = []
     index_of: dict[int, int] = {}
+    keys = group_keys(opt)
     for g, saved in enumerate(saved_groups):
         where = f"state_dict['param_groups'][{g}]"
         if not isinstance(saved, Mapping):
             raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}")
-        _exact_keys(saved, _GROUP_KEYS + ("params",), where)
+        _exact_keys(saved, keys + ("params",), where)
         ids = saved["params"]
         if not isinstance(ids, (list, tuple)):
             raise TypeError(f"{where}['params'] must be a list of parameter ids")
@@ -171,7 +182,7 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
             if int(saved_id) in index_of:
                 raise ValueError(f"parameter id {saved_id} appears twice in state_dict")
             index_of[int(saved_id)] = i
-        hyper = {key: saved[key] for key in _GROUP_KEYS}
+        hyper = {key: saved[key] for key in keys}
         if hyper["lr"] is None:
             hyper["lr"] = opt.param_groups[g]["lr"]
         check_hyperparameters(hyper, where)

@@ -305,6 +305,11 @@ class RMSprop:
         ``{"state": {i: {"step": int, "square_avg": array, ["momentum_buffer": array,]
         ["grad_avg": array]}}, "param_groups": [{hyperparameters..., "params": [i, ...]}]}``
 
+        With a float16 / bfloat16 parameter, every group also holds ``param_rounding``,
+        ``seed`` and ``master_weights`` (the keys of :data:`GROUP_KEYS`), and those
+        parameters' entries ``master_param`` when master weights are on; a float32 / float64
+        optimizer's groups hold :data:`HYPERPARAMETERS` only.
+
         ``i`` numbers the parameters in group order. A callable ``lr`` is saved as ``None``;
         loading such a dict keeps the loading optimizer's own ``lr``. It pickles as it is; for
         ``np.savez`` flatten it with :func:`state_dict_to_arrays`.

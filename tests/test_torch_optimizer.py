@@ -365,7 +365,8 @@ def test_state_dict_has_torchs_layout(options, flatten):
             assert (ours_value.dtype, ours_value.shape) == (theirs_value.dtype, theirs_value.shape)
         assert float(a["state"][index]["step"]) == 3.0
     for ours_group, their_group in zip(a["param_groups"], b["param_groups"]):
-        assert set(ours_group) - set(their_group) == set(fastrms_torch.FASTRMS_OPTIONS)
+        assert set(ours_group) - set(their_group) == {*fastrms_torch.FASTRMS_OPTIONS, "param_rounding",
+                                                      "seed", "master_weights"}
         assert {k: ours_group[k] for k in their_group} == their_group
     torch.optim.RMSprop(make_model().parameters(), **options).load_state_dict(checkpoint(a))
 
@@ -608,7 +609,7 @@ def _side_by_side(make_params, steps=5, **options):
     return runs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64])
+@pytest.mark.parametrize("dtype", [torch.complex64])  # bfloat16 / float16: the kernel's now
 def test_other_dtypes_are_updated_by_torch(dtype):
     def make_params():
         torch.manual_seed(0)
@@ -753,8 +754,8 @@ def test_capturable_is_refused():
 
 
 def test_fastrms_options_cannot_go_to_torch():
-    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2).half())]
-    with pytest.raises(ValueError, match="eps_in_sqrt=True.*dtype torch.float16"):
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2).cfloat())]
+    with pytest.raises(ValueError, match="eps_in_sqrt=True.*dtype torch.complex64"):
         RMSprop(params, eps_in_sqrt=True)
     # A separate group for the half-precision parameter works.
     opt = RMSprop([{"params": params[:1], "eps_in_sqrt": True}, {"params": params[1:]}])

@@ -28,9 +28,10 @@ from .. import _dispatch
 from ..engine import group_coefficients, resolve_module
 from ._flat import FlatTensorBucket
 from ._checkpoint import check_checkpoint
-from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, Plan, StepSlots, _get_scalar_dtype,
-                    run_torch_jobs)
-from ._tensors import KERNEL_DTYPES
+from ..engine.precision import check_master_has_targets, check_precision_options
+from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, TORCH_PRECISION_OPTIONS, Plan, StepSlots,
+                    _get_scalar_dtype, run_torch_jobs)
+from ._tensors import KERNEL_DTYPES, LOW_PRECISION, fallback_reason
 
 __all__ = ["RMSprop"]
 
@@ -39,7 +40,8 @@ _TORCH_GROUP_DEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "max
 
 
 class RMSprop(torch.optim.RMSprop):
-    """``torch.optim.RMSprop`` with the fused fastrms kernel for CPU float32 / float64 tensors.
+    """``torch.optim.RMSprop`` with the fused fastrms kernel for CPU float32, float64, bfloat16
+    and float16 tensors.
 
     Takes exactly ``torch.optim.RMSprop``'s arguments (same names, order and defaults) and
     computes the same update, within a few ulp per step (torch's own float32 ``sqrt`` is not
@@ -48,6 +50,18 @@ class RMSprop(torch.optim.RMSprop):
     ``lr_in_momentum``, ``nesterov``, ``decoupled_weight_decay`` (stored per parameter group,
     like torch's keys), ``backend`` (``"c"``, ``"numba"``, ``"numpy"`` or None for fastrms's
     automatic choice, which also honours ``fastrms.use_backend``) and ``flatten``.
+
+    bfloat16 / float16 CPU tensors go to the kernel too (torch's implementation would keep
+    their state in 16 bits): their state is float32 tensors, the update runs in float32
+    exactly as :func:`fastrms.rmsprop_update`, and the new value is written back by the group
+    options ``param_rounding`` (``"nearest"``, the default, or ``"stochastic"``) and ``seed``
+    (default 0; parameter ``i`` of the state dict rounds with
+    ``seed=fastrms.engine.precision.parameter_seed(seed, i)`` at its own step count).
+    ``master_weights=True`` keeps a float32 copy of each 16-bit parameter in its state
+    (``"master_param"``): the update runs on it and the parameter receives its nearest value.
+    Their gradient may be of the parameter's dtype or float32. ``flatten`` leaves 16-bit
+    parameters in place. ``load_state_dict`` keeps their float32 state float32 (torch would
+    cast it to the parameter's dtype).
 
     One step makes one kernel call per (parameter group, dtype), over all that group's tensors
     of that dtype. ``step(closure)``, ``zero_grad``, parameter groups, LR schedulers (which
@@ -64,7 +78,7 @@ class RMSprop(torch.optim.RMSprop):
 
     Parameters the kernel cannot serve, and what happens to them:
 
-    - on another device (CUDA, MPS, meta, ...), of another dtype (float16, bfloat16, complex,
+    - on another device (CUDA, MPS, meta, ...), of another dtype (complex, integer, float8,
       ...), not dense in memory (a strided view such as ``w[:, ::2]``; dense permuted layouts
       such as channels_last do run on the kernel), a tensor subclass, or sharing memory with
       another parameter: updated by torch's own implementation (``torch.optim.rmsprop.rmsprop``)
@@ -118,7 +132,8 @@ class RMSprop(torch.optim.RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, eps_in_sqrt=False, lr_in_momentum=False,
-                 nesterov=False, decoupled_weight_decay=False, backend=None, flatten=False):
+                 nesterov=False, decoupled_weight_decay=False, backend=None, flatten=False,
+                 param_rounding="nearest", seed=0, master_weights=False):
         # torch's checks and messages first: code written against torch sees torch's errors.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -146,7 +161,9 @@ class RMSprop(torch.optim.RMSprop):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable,
                         eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
-                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay)
+                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
+                        param_rounding=param_rounding, seed=seed, master_weights=master_weights)
+        check_precision_options(defaults, "RMSprop")
         # torch.optim.RMSprop.__init__ would build torch's defaults only; the base class takes ours.
         Optimizer.__init__(self, params, defaults)
         # Build now: option conflicts surface here, and flatten moves the parameters now.
@@ -164,6 +181,10 @@ class RMSprop(torch.optim.RMSprop):
         try:
             for dtype in KERNEL_DTYPES.values():
                 self._coefficients(group, index, dtype)
+            where = f"param_groups[{index}]"
+            if check_precision_options(group, where)[2]:
+                check_master_has_targets(group, [KERNEL_DTYPES.get(p.dtype) for p in
+                                                 group["params"]], where)
         except (TypeError, ValueError):
             del self.param_groups[index]
             raise
@@ -183,13 +204,13 @@ class RMSprop(torch.optim.RMSprop):
         self.__dict__.setdefault("_slots", StepSlots())
         self.__dict__.setdefault("_lock", threading.Lock())
         self._plan = None
-        for key, value in FASTRMS_OPTIONS.items():
+        for key, value in {**FASTRMS_OPTIONS, **TORCH_PRECISION_OPTIONS}.items():
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             for key, value in _TORCH_GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
             # A torch checkpoint does not say; the options this optimizer was built with apply.
-            for key in FASTRMS_OPTIONS:
+            for key in (*FASTRMS_OPTIONS, *TORCH_PRECISION_OPTIONS):
                 group.setdefault(key, self.defaults[key])
             for p in group["params"]:
                 p_state = self.state.get(p)
@@ -258,7 +279,25 @@ class RMSprop(torch.optim.RMSprop):
         with self._lock:
             check_checkpoint(self.param_groups, state_dict)
             super().load_state_dict(state_dict)
+            self._keep_float32_state(state_dict)
             self._plan = None
+
+    def _keep_float32_state(self, state_dict) -> None:
+        """torch's load_state_dict casts state to its parameter's dtype; the state of a 16-bit
+        parameter that the kernel serves is float32 (its master copy above all): take the
+        saved float32 values back, not their 16-bit roundings."""
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g, group in zip(state_dict["param_groups"], self.param_groups)
+                  for p in group["params"]]
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for saved_id, p in zip(ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if p.dtype not in LOW_PRECISION or not saved or \
+                    fallback_reason(p, group_of[id(p)]) is not None:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     # -- introspection -----------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ and checked at every step against what the views were made from.
 Nothing is trusted from a cached pointer: each step compares every parameter's and every state
 tensor's address, shape, strides and dtype (and the state dicts' identities) with the plan's,
 and a change sends the optimizer back to planning before anything is written.
+
+A bfloat16 / float16 bucket keeps float32 state tensors in ``opt.state`` (and, with
+``master_weights``, the float32 copy ``"master_param"``); its gradients are read through
+NumPy views (its parameter's dtype or float32), never as raw addresses.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import numpy as np
 import torch
 
 from ..engine import STATE_BUFFERS, Bucket
+from ..engine.precision import MASTER
 from ._checkpoint import check_state_entry
-from ._tensors import (KERNEL_DTYPES, PLAIN_TYPES, SPARSE, TensorLayouts, data_ptr, flat_array,
-                       get_dtype, get_grad, get_is_cpu, is_contiguous, is_neg, layout_key, numel,
-                       same)
+from ._tensors import (KERNEL_DTYPES, LOW_PRECISION, PLAIN_TYPES, SPARSE, TensorLayouts, data_ptr,
+                       flat_array, get_dtype, get_grad, get_is_cpu, is_contiguous, is_neg,
+                       layout_key, numel, same)
 
 NONES = itertools.repeat(None)
 is_not = operator.is_not
@@ -36,6 +41,11 @@ class TensorBucket:
         self.count = len(params)
         self.torch_dtype = params[0].dtype
         self.dtype = KERNEL_DTYPES[self.torch_dtype]
+        self.low_precision = self.torch_dtype in LOW_PRECISION
+        #: The dtype of the state tensors: float32 for 16-bit parameters.
+        self.state_dtype = torch.float32 if self.low_precision else self.torch_dtype
+        self.names = STATE_BUFFERS + ((MASTER,) if self.low_precision else ())
+        self.master_on = self.low_precision and bool(group.get("master_weights", False))
         self.torch_dtypes = [self.torch_dtype] * self.count
         self.align_mask = np.uintp(self.dtype.itemsize - 1)
         self.nbytes = np.array([p.numel() * p.element_size() for p in params], dtype=np.uintp)
@@ -43,10 +53,12 @@ class TensorBucket:
         self.layouts = TensorLayouts(params)
         self.keys = [layout_key(p) for p in params]
         self.slots = [context.slot_of(p) for p in params]
+        offset = context.group_offsets[index]  # state_dict ids: the stochastic streams
         self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in params], context.counts,
-                             self.slots, flat_param, flat_grad)
+                             self.slots, flat_param, flat_grad,
+                             ids=[offset + k for k in positions])
         self.dicts = [None] * self.count  # each parameter's state dict, once it has state
-        self.tensors = {name: [None] * self.count for name in STATE_BUFFERS}
+        self.tensors = {name: [None] * self.count for name in self.names}
         self.watch = None  # per state buffer: (getter, dicts, tensors, their layouts)
         self.momentum_on = group["momentum"] > 0
         self.centered_on = bool(group["centered"])
@@ -73,7 +85,11 @@ class TensorBucket:
     # -- state ---------------------------------------------------------------------------------
 
     def _new_buffer(self, name: str, k: int) -> torch.Tensor:
-        return torch.zeros_like(self.params[k], memory_format=torch.preserve_format)
+        if name == MASTER:  # the parameter's value, widened (exact)
+            return self.params[k].detach().to(torch.float32, memory_format=torch.preserve_format,
+                                              copy=True)
+        return torch.zeros_like(self.params[k], dtype=self.state_dtype,
+                                memory_format=torch.preserve_format)
 
     def _check_existing(self, k: int, p_state: dict) -> None:
         """State that exists already (loaded, or replaced by user code) must fit its parameter:
@@ -85,10 +101,10 @@ class TensorBucket:
     def _usable(self, name: str, k: int, tensor) -> torch.Tensor:
         """``tensor`` itself when the kernel can walk it alongside the parameter, else a copy
         (which then replaces it in the state dict)."""
-        p = self.params[k]
-        if (type(tensor) in PLAIN_TYPES and tensor.device.type == "cpu" and tensor.dtype == p.dtype
-                and not tensor.requires_grad and not tensor.is_neg()
-                and layout_key(tensor) == self.keys[k] and tensor.data_ptr() % p.element_size() == 0):
+        if (type(tensor) in PLAIN_TYPES and tensor.device.type == "cpu"
+                and tensor.dtype == self.state_dtype and not tensor.requires_grad
+                and not tensor.is_neg() and layout_key(tensor) == self.keys[k]
+                and tensor.data_ptr() % tensor.element_size() == 0):
             return tensor
         fresh = self._new_buffer(name, k)
         with torch.no_grad():
@@ -121,11 +137,14 @@ class TensorBucket:
         step = p_state.get("step", 0)
         if step is not self.context.step_tensor(self.slots[k]):
             self._set_step(k, float(step))
-        for name in STATE_BUFFERS:
+        if MASTER in p_state and not self.master_on:  # the parameter holds its nearest value
+            del p_state[MASTER]
+        for name in self.names:
             if name in p_state:
                 self._attach(k, name, self._usable(name, k, p_state[name]))
             elif (name == "momentum_buffer" and self.momentum_on) or \
-                    (name == "grad_avg" and self.centered_on):
+                    (name == "grad_avg" and self.centered_on) or \
+                    (name == MASTER and self.master_on):
                 self._attach(k, name, self._new_buffer(name, k))
 
     def _initialize(self, state, k: int) -> None:
@@ -138,6 +157,31 @@ class TensorBucket:
             self._attach(k, "momentum_buffer", self._new_buffer("momentum_buffer", k))
         if self.centered_on:
             self._attach(k, "grad_avg", self._new_buffer("grad_avg", k))
+        if self.master_on:
+            self._attach(k, MASTER, self._new_buffer(MASTER, k))
+
+    def set_precision(self, precision: tuple) -> None:
+        """A 16-bit bucket's rounding options for the coming step: a master copy switched on
+        starts at the parameters' values; switched off, it leaves the state (the parameters
+        hold its nearest values)."""
+        self.bucket.precision = precision
+        master = precision[2]
+        if master == self.master_on:
+            return
+        self.master_on = master
+        with torch.no_grad():
+            for k, p_state in enumerate(self.dicts):
+                if p_state is None:
+                    continue
+                if master and self.tensors[MASTER][k] is None:
+                    self._attach(k, MASTER, self._new_buffer(MASTER, k))
+                elif not master:
+                    p_state.pop(MASTER, None)
+            if not master:
+                self.tensors[MASTER] = [None] * self.count
+                self.bucket.set_state(MASTER, None)
+                self.watch = None
+                self.dirty = True
 
     def switch_on(self, momentum: bool, centered: bool) -> None:
         """momentum / centered switched on after state was created: new buffers start at 0."""
@@ -234,7 +278,7 @@ class TensorBucket:
         ``(bucket, coefficients, module, gradients, addresses)``, with every gradient checked
         (layout, and no overlap with anything the step writes)."""
         chosen = self.bucket.chosen
-        if hasattr(module, "update_many_at_addresses"):
+        if not self.low_precision and hasattr(module, "update_many_at_addresses"):
             addresses = self._grad_addresses(grads, chosen)
             if addresses is not None:
                 self._check_overlap(grads, addresses, chosen, regions)
@@ -296,7 +340,9 @@ class TensorBucket:
             g = g.detach()
             if g.is_neg() or g.is_conj():
                 g = g.resolve_conj().resolve_neg()
-            if g.dtype != p.dtype or layout_key(g) != self.keys[k] or \
+            # A 16-bit parameter's float32 gradient is read as it is (not rounded first).
+            wide = self.low_precision and g.dtype == torch.float32
+            if (g.dtype != p.dtype and not wide) or layout_key(g) != self.keys[k] or \
                     g.data_ptr() % g.element_size():
                 with torch.no_grad():
                     g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)

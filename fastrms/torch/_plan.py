@@ -10,9 +10,12 @@ from torch.optim.rmsprop import rmsprop as torch_rmsprop
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..engine import Engine, StepCounts
+from ..engine.precision import (PRECISION_DEFAULTS, check_master_has_targets,
+                                check_precision_options)
 from ._buckets import STALE, TensorBucket
 from ._flat import FlatTensorBucket
-from ._tensors import KERNEL_DTYPES, SPARSE, fallback_reason, same, sharing_memory
+from ._tensors import (KERNEL_DTYPES, LOW_PRECISION, SPARSE, fallback_reason, same,
+                       sharing_memory)
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -23,6 +26,8 @@ except ImportError:  # pragma: no cover - a torch without it stores float32 step
 #: fastrms's options beyond torch's, stored in each parameter group like torch's own keys.
 FASTRMS_OPTIONS = {"eps_in_sqrt": False, "lr_in_momentum": False, "nesterov": False,
                    "decoupled_weight_decay": False}
+#: The options of 16-bit kernel parameters (parameters torch updates ignore them).
+TORCH_PRECISION_OPTIONS = dict(PRECISION_DEFAULTS)
 CAPTURABLE = ("capturable=True is for CUDA graph capture, and fastrms.torch.RMSprop runs its "
               "kernel on CPU; leave capturable=False (torch itself refuses capturable CPU "
               "parameters)")
@@ -76,6 +81,12 @@ class Plan:
         self.counts = slots.counts
         candidates = []
         self.groups = []
+        #: Each group's first parameter's id in state_dict numbering.
+        self.group_offsets = []
+        offset = 0
+        for group in opt.param_groups:
+            self.group_offsets.append(offset)
+            offset += len(group["params"])
         for index, group in enumerate(opt.param_groups):
             if group["capturable"]:
                 raise ValueError(f"param_groups[{index}]: {CAPTURABLE}")
@@ -98,10 +109,16 @@ class Plan:
                 by_bucket.setdefault((index, p.dtype), []).append((position, p))
         for index, gp in enumerate(self.groups):  # all checks before flatten moves anything
             check_torch_can_serve(index, gp.group, gp.fallback)
-        kind = FlatTensorBucket if opt._flatten else TensorBucket
+            where = f"param_groups[{index}]"
+            if check_precision_options(gp.group, where)[2]:
+                check_master_has_targets(gp.group, [KERNEL_DTYPES[dtype] for g, dtype in
+                                                    by_bucket if g == index], where)
         for index, gp in enumerate(self.groups):
-            for torch_dtype in KERNEL_DTYPES:  # float32 then float64, whatever the param order
+            for torch_dtype in KERNEL_DTYPES:  # float32, float64, bfloat16, float16
                 members = by_bucket.get((index, torch_dtype))
+                # flatten=True packs float32 / float64 parameters; 16-bit ones stay in place
+                kind = (FlatTensorBucket if opt._flatten and torch_dtype not in LOW_PRECISION
+                        else TensorBucket)
                 if members:
                     gp.buckets.append(kind(self, opt.state, index, gp.group,
                                            [p for _, p in members], [k for k, _ in members]))
@@ -152,7 +169,18 @@ class Plan:
                 raise ValueError(f"param_groups[{index}]: {CAPTURABLE}")
             if bool(group["differentiable"]) != gp.differentiable:
                 return None  # the group moves between the kernel and torch
+        precisions = []  # every group checked before any bucket's state changes
+        for index, gp in enumerate(self.groups):
+            where = f"param_groups[{index}]"
+            precision = check_precision_options(gp.group, where)
+            if precision[2]:
+                check_master_has_targets(gp.group, [b.dtype for b in gp.buckets], where)
+            precisions.append(precision)
+        for index, gp in enumerate(self.groups):
+            group = gp.group
             for bucket in gp.buckets:
+                if bucket.low_precision:
+                    bucket.set_precision(precisions[index])
                 coeffs, module = backend_lr(group, index, bucket.dtype, bucket.bucket.size)
                 grads = bucket.select(self.state, coeffs, dicts_unchanged)
                 if grads is STALE:

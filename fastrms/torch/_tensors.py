@@ -8,7 +8,12 @@ import operator
 import numpy as np
 import torch
 
-KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+from .._codecs import BFLOAT16, FLOAT16
+
+KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
+#: The 16-bit kernel dtypes: float32 state and arithmetic, param_rounding on the way back.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 SPARSE = "RMSprop does not support sparse gradients"  # torch's message, for code that matches it
 
@@ -40,10 +45,14 @@ def layout_key(t: torch.Tensor):
 
 
 def flat_array(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy NumPy view of a dense tensor's block, C-contiguous (reshaped or flat)."""
+    """A zero-copy NumPy view of a dense tensor's block, C-contiguous (reshaped or flat). A
+    bfloat16 tensor (NumPy has no such dtype) is viewed as int16 by torch, then as
+    ``ml_dtypes.bfloat16`` by NumPy: the same memory, no copy."""
     t = t.detach()
     if not t.is_contiguous():
         t = t.as_strided((t.numel(),), (1,))
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BFLOAT16)
     return t.numpy()
 
 
@@ -92,7 +101,8 @@ def fallback_reason(p: torch.Tensor, group: dict):
     if p.device.type != "cpu":
         return f"on device {p.device} (the fused kernel runs on CPU)"
     if p.dtype not in KERNEL_DTYPES:
-        return f"dtype {p.dtype} (the fused kernel takes float32 and float64)"
+        return (f"dtype {p.dtype} (the fused kernel takes float32, float64, bfloat16 and "
+                f"float16)")
     if p.layout != torch.strided:
         return f"layout {p.layout}"
     if p.is_neg() or p.is_conj() or layout_key(p) is None:
