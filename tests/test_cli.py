@@ -27,7 +27,7 @@ BAD_BENCH_ARGUMENTS = [
     (["--threads", "0"], "'0' must be at least 1"),
     (["--threads", "-3"], "'-3' must be at least 1"),
     (["--threads", "two"], "'two' is not a whole number"),
-    (["--dtypes", "float16"], "unknown dtype 'float16'; choose from float32, float64"),
+    (["--dtypes", "float8"], "unknown dtype 'float8'; choose from float32, float64, bfloat16, float16"),
     (["--variants", "sideways"], "unknown variant 'sideways'"),
     (["--sizes", "1e3,abc"], "'abc' is not a size"),
     (["--sizes", "0"], "'0' is not a whole number of elements"),

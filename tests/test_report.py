@@ -208,3 +208,22 @@ def test_a_size_that_does_not_fit_in_memory_is_skipped_with_the_reason(monkeypat
         assert row["error"].startswith("skipped: this size needs about")
     table = bench.format_tables(report)
     assert table.count("skipped: this size needs about") == 2 and "failed" not in table
+
+
+def test_16_bit_rows_are_fastrms_roofline_and_torch():
+    """``--dtypes bfloat16,float16``: 16-bit params and grads with float32 state (14 bytes per
+    element, plain), timed for fastrms, the roofline and torch; the NumPy baselines and the
+    other peers have no 16-bit row."""
+    names = ["numpy-formula", "fastrms-numpy", "fastrms-c", "roofline", "torch-foreach"]
+    report = bench.run(**{**QUICK, "dtypes": ["bfloat16", "float16"], "variants": ["plain"],
+                          "names": names})
+    for dtype in ("bfloat16", "float16"):
+        rows = {r["name"]: r for r in report["results"] if r["dtype"] == dtype}
+        assert "numpy-formula" not in rows
+        for name in names[1:]:
+            available = {i["name"]: i["available"] for i in report["implementations"]}[name]
+            if available:
+                assert "median_s" in rows[name], rows[name]
+                assert rows[name]["bytes"] == 14 * 1000
+    text = bench.format_tables(report)
+    assert "== bfloat16 plain: 5 streams, 14 bytes per element ==" in text

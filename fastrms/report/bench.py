@@ -32,7 +32,7 @@ __all__ = ["CpuMeter", "DESCRIPTION", "METHOD", "OneLineErrorParser", "add_argum
 DESCRIPTION = """\
 Time one RMSprop step of every implementation (NumPy baselines, each fastrms backend, the
 roofline kernel, and the peers installed here: torch, numexpr, optax) at 10^3 to 10^7
-elements, float32 and float64, plain, momentum and centered. The implementations are
+elements, float32 and float64 (bfloat16 and float16 on request), plain, momentum and centered. The implementations are
 interleaved: each repetition times every row once, round-robin, in one process, and the
 report gives the median per row. Progress goes to stderr, the tables to stdout."""
 
@@ -103,7 +103,7 @@ def _choices(kind: str, allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-dtype_list = _choices("dtype", DTYPES)
+dtype_list = _choices("dtype", registry.ALL_DTYPES)
 variant_list = _choices("variant", tuple(VARIANTS))
 implementation_list = _choices("implementation", tuple(registry.BY_NAME))
 
@@ -121,7 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=size_list, default=None, metavar="N,N,...",
                         help="comma-separated sizes, e.g. 1e3,1e5 (default 1e3 to 1e7)")
     parser.add_argument("--dtypes", type=dtype_list, default=list(DTYPES), metavar="DTYPE,...",
-                        help=f"comma-separated, of {', '.join(DTYPES)} (default: both)")
+                        help=f"comma-separated, of {', '.join(registry.ALL_DTYPES)} (default: "
+                             f"{','.join(DTYPES)}; the 16-bit ones have 16-bit params and "
+                             f"grads with float32 state, timed for fastrms, the roofline and "
+                             f"torch)")
     parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
                         metavar="VARIANT,...",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")

@@ -47,6 +47,8 @@ def _torch(variant: str, state: dict, foreach: bool):
     memory, so torch moves the same bytes as every other row and nothing is copied."""
     import torch
 
+    if state["param"].itemsize == 2:
+        return _torch_16_bit(variant, state, foreach)
     param = torch.from_numpy(state["param"])
     param.grad = torch.from_numpy(state["grad"])
     optimizer = torch.optim.RMSprop([param], lr=LR, alpha=ALPHA, eps=EPS,
@@ -60,6 +62,35 @@ def _torch(variant: str, state: dict, foreach: bool):
         torch_state["grad_avg"] = torch.from_numpy(state["grad_avg"])
     optimizer.state[param] = torch_state
     return optimizer.step
+
+
+def _torch_16_bit(variant: str, state: dict, foreach: bool):
+    """torch.optim.RMSprop on a bfloat16 / float16 parameter as torch runs it: its state in the
+    parameter's dtype (torch's own, from the float32 state rounded), the parameter and gradient
+    the arrays' memory (viewed as int16, then as the torch dtype: no copy)."""
+    import torch
+
+    kind = torch.bfloat16 if state["param"].dtype.name == "bfloat16" else torch.float16
+
+    def tensor(array):
+        return torch.from_numpy(array.view(np.int16)).view(kind)
+
+    param = tensor(state["param"])
+    param.grad = tensor(state["grad"])
+    optimizer = torch.optim.RMSprop([param], lr=LR, alpha=ALPHA, eps=EPS,
+                                    momentum=MOMENTUM_VALUE if variant == "momentum" else 0.0,
+                                    centered=variant == "centered", foreach=foreach)
+    torch_state = {"step": torch.tensor(0.0),
+                   "square_avg": torch.from_numpy(state["square_avg"]).to(kind)}
+    for name in ("momentum_buffer", "grad_avg"):
+        if name in state:
+            torch_state[name] = torch.from_numpy(state[name]).to(kind)
+    optimizer.state[param] = torch_state
+    return optimizer.step
+
+
+#: The peers that also time 16-bit parameters.
+SIXTEEN_BIT_PEERS = ("torch-forloop", "torch-foreach")
 
 
 def torch_forloop(variant: str, state: dict):

@@ -10,6 +10,8 @@ whose jitted step with donated buffers needs arrays of its own, and the roofline
 nonsense arithmetic writes copies. The factories get a shallow copy of the dict, so one that
 rebinds entries (the NumPy formula) does not disturb the others; a step that keeps state of its
 own sets ``step.reset()`` (see :class:`~fastrms.report.workload.StateGuard`).
+``dtypes`` names the problem dtypes a row can time (None: float32 and float64 only); the
+16-bit ones (bfloat16, float16) are timed by fastrms, the roofline and torch.
 
 The peers (torch, numexpr, optax) are :data:`fastrms.report.peers.PEERS`, listed after
 fastrms's own rows. The workload (hyperparameters, variants, streams) is
@@ -30,6 +32,8 @@ __all__ = ["ALPHA", "BASELINE", "BY_NAME", "EPS", "IMPLEMENTATIONS", "Implementa
            "MOMENTUM_VALUE", "ROOFLINE", "STREAMS", "TORCH", "VARIANTS", "bytes_moved", "get",
            "make_state", "numpy_formula", "numpy_inplace"]
 
+#: Every problem dtype the report knows.
+ALL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 #: Elements per block of the in-place NumPy version: its scratch and the slices of every
 #: stream stay in L2 while the ~12 ufunc passes run over them.
 NUMPY_BLOCK = 16384
@@ -42,6 +46,10 @@ class Implementation:
     description: str
     check: Callable[[], tuple[bool, str]]
     factory: Callable[[str, dict], Callable[[], None]]
+    dtypes: tuple[str, ...] | None = None
+
+    def supports(self, dtype: str) -> bool:
+        return dtype in (self.dtypes or ("float32", "float64"))
 
     def availability(self) -> tuple[bool, str]:
         try:
@@ -173,7 +181,9 @@ def _roofline_step(backend: str):
         from fastrms import backends
         from fastrms._coefficients import CENTERED, MOMENTUM
 
-        roofline = backends.load(backend).roofline
+        module = backends.load(backend)
+        low = state["param"].itemsize == 2  # the 16-bit streams: 16-bit p and g, float32 state
+        roofline = module.roofline_low_precision if low else module.roofline
         flags = {"plain": 0, "momentum": MOMENTUM, "centered": CENTERED}[variant]
         # Its arithmetic (s += g, p += s) is no optimizer step: it writes copies, never the
         # arrays the other implementations share.
@@ -201,17 +211,18 @@ IMPLEMENTATIONS = (
                    "NumPy ufuncs with out=, preallocated scratch, blocked for cache",
                    _always, numpy_inplace),
     Implementation("fastrms-numpy", "fastrms", "fastrms backend 'numpy' (the reference)",
-                   _backend_check("numpy"), _fastrms_step("numpy")),
+                   _backend_check("numpy"), _fastrms_step("numpy"), ALL_DTYPES),
     Implementation("fastrms-c", "fastrms", "fastrms backend 'c'",
-                   _backend_check("c"), _fastrms_step("c")),
+                   _backend_check("c"), _fastrms_step("c"), ALL_DTYPES),
     Implementation("fastrms-numba", "fastrms", "fastrms backend 'numba'",
-                   _backend_check("numba"), _fastrms_step("numba")),
+                   _backend_check("numba"), _fastrms_step("numba"), ALL_DTYPES),
     Implementation("fastrms-auto", "fastrms", "fastrms.rmsprop_update, automatic choice",
-                   _always, _fastrms_step(None)),
+                   _always, _fastrms_step(None), ALL_DTYPES),
     Implementation("roofline", "roofline",
                    "the C roofline kernel: the same streams, trivial arithmetic (own copies)",
-                   _backend_check("c"), _roofline_step("c")),
-    *(Implementation(peer.name, "peer", peer.description, peer.check, peer.factory)
+                   _backend_check("c"), _roofline_step("c"), ALL_DTYPES),
+    *(Implementation(peer.name, "peer", peer.description, peer.check, peer.factory,
+                     ALL_DTYPES if peer.name in peers.SIXTEEN_BIT_PEERS else None)
       for peer in peers.PEERS),
 )
 BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}

@@ -5,9 +5,7 @@ A cell timed while other processes kept more than :data:`NOISY_CORES` cores busy
 """
 from __future__ import annotations
 
-import numpy as np
-
-from .workload import STREAMS
+from .workload import STREAMS, bytes_moved
 
 NOISY_MARK, NOISY_CORES = "\N{DAGGER}", 0.25
 
@@ -58,7 +56,7 @@ def format_tables(report: dict) -> str:
                 continue
             streams = STREAMS[variant]
             lines += ["", f"== {dtype} {variant}: {streams} streams, "
-                          f"{streams * np.dtype(dtype).itemsize} bytes per element ==", header]
+                          f"{bytes_moved(variant, dtype, 1)} bytes per element ==", header]
             last_n = None
             for row in cell:
                 label = size_label(row["n"]) if row["n"] != last_n else ""

@@ -164,11 +164,12 @@ def _run_cell(usable, dtype, variant, n, **timing) -> list[dict]:
         reason = (f"skipped: this size needs about {need / 2**30:.1f} GiB (the shared arrays, "
                   f"the copies of optax and the roofline, the formula's temporaries); "
                   f"{available / 2**30:.1f} GiB available")
-        return [_row(impl.name, dtype, variant, n, error=reason) for impl in usable]
+        return [_row(impl.name, dtype, variant, n, error=reason) for impl in usable
+                if impl.supports(dtype)]
     state = make_state(variant, dtype, n)
     guard = StateGuard(variant, state)
     steps, rows = {}, []
-    for impl in usable:
+    for impl in [impl for impl in usable if impl.supports(dtype)]:
         try:
             step = impl.make(variant, state)
             guard.before(1, _resets({impl.name: step}))

@@ -3,11 +3,16 @@
 The hyperparameters are torch's defaults with lr 1e-3: lr=1e-3, alpha=0.99, eps=1e-8, and
 momentum=0.9 for the momentum variant. Rows step one shared state over and over with one fixed
 gradient; :func:`make_state` draws it and :class:`StateGuard` keeps it valid (see there).
+
+A 16-bit problem (bfloat16, float16) has 16-bit param and grad and float32 state, as
+:func:`fastrms.rmsprop_update` takes them: 14 bytes per element for the plain variant.
 """
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import DTypeLike
+
+from .._codecs import LOW_PRECISION_DTYPES
 
 LR, ALPHA, EPS, MOMENTUM_VALUE = 1e-3, 0.99, 1e-8, 0.9
 #: variant -> the keyword arguments of fastrms.rmsprop_update that make it.
@@ -21,21 +26,32 @@ CENTERED_STEPS_BETWEEN_RESETS = 1000
 
 
 def bytes_moved(variant: str, dtype: DTypeLike, n: int) -> int:
-    """Bytes one step must move at least: streams x itemsize x n."""
-    return STREAMS[variant] * np.dtype(dtype).itemsize * n
+    """Bytes one step must move at least: streams x itemsize x n (a 16-bit problem: three
+    16-bit streams, read p and g, write p, and the float32 state's)."""
+    dtype = np.dtype(dtype)
+    if dtype in LOW_PRECISION_DTYPES:
+        return (3 * 2 + (STREAMS[variant] - 3) * 4) * n
+    return STREAMS[variant] * dtype.itemsize * n
+
+
+def state_dtype(dtype: DTypeLike) -> np.dtype:
+    """The dtype of the state arrays of a problem in ``dtype`` (float32 for 16-bit ones)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype in LOW_PRECISION_DTYPES else dtype
 
 
 def make_state(variant: str, dtype: DTypeLike, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Arrays for one step of ``variant``: random param and grad, positive square_avg."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
+    wide = state_dtype(dtype)
     state = {"param": rng.standard_normal(n).astype(dtype),
              "grad": rng.standard_normal(n).astype(dtype),
-             "square_avg": np.abs(rng.standard_normal(n)).astype(dtype) + np.asarray(1e-3, dtype)}
+             "square_avg": np.abs(rng.standard_normal(n)).astype(wide) + np.asarray(1e-3, wide)}
     if variant == "momentum":
-        state["momentum_buffer"] = np.zeros(n, dtype)
+        state["momentum_buffer"] = np.zeros(n, wide)
     if variant == "centered":
-        state["grad_avg"] = np.zeros(n, dtype)
+        state["grad_avg"] = np.zeros(n, wide)
     return state
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from ..engine import STATE_BUFFERS
+from ..engine.precision import MASTER
 
 
 def check_checkpoint(param_groups: list, state_dict) -> None:
@@ -45,7 +46,7 @@ def check_state_entry(entry: Mapping, p: torch.Tensor, where: str, owner: str,
     for key in ("step", "square_avg"):
         if key not in entry:
             raise KeyError(f"{where} (the state of {owner}) has no {key!r}")
-    for name in STATE_BUFFERS:
+    for name in STATE_BUFFERS + (MASTER,):
         value = entry.get(name)
         if value is None:
             continue
