@@ -325,3 +325,40 @@ def test_bad_state_dicts_are_refused_whole(rng):
         with pytest.raises(ValueError, match=key):
             opt.load_state_dict(broken(lambda s: s["param_groups"][0].pop(key)))
         assert pickle.dumps(opt.state_dict()) == before
+
+
+@pytest.mark.parametrize("preset", ["keras", "tf1", "optax"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_presets_give_the_reference_backends_bits(backend, preset, mode, rng):
+    """Presets on bfloat16 params (tf1 runs its momentum line at momentum 0, which
+    rmsprop_update cannot express): every backend gives the NumPy reference backend's bits."""
+    params = make_params(rng, BF16, mixed=True)
+    grads = [make_grads(rng, params) for _ in range(3)]
+    results = []
+    for name in ("numpy", backend):
+        ps = [p.copy() for p in params]
+        opt = fastrms.RMSprop(ps, preset=preset, lr=0.01, backend=name, **MODES[mode])
+        for g in grads:
+            opt.step(g)
+        results.append((ps, opt.state))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert_same_bits(b, a, f"{preset} {mode}")
+    for ea, eb in zip(results[0][1], results[1][1]):
+        assert set(ea) == set(eb)
+        for name in ea:
+            if name != "step":
+                assert_same_bits(eb[name], ea[name], name)
+
+
+def test_keras_preset_matches_rmsprop_update(rng):
+    params = make_params(rng, F16)
+    options = dict(lr=0.01, alpha=0.9, eps=1e-7, eps_in_sqrt=True, lr_in_momentum=True,
+                   decoupled_weight_decay=True, weight_decay=0.004)
+    oracle = Oracle(params, options, "stochastic")
+    opt = fastrms.RMSprop(params, preset="keras", lr=0.01, weight_decay=0.004,
+                          **MODES["stochastic"])
+    for _ in range(3):
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        oracle.step(grads)
+    oracle.check(opt, params, "keras")
