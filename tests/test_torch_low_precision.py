@@ -250,3 +250,35 @@ def test_master_weights_switched_off_drops_the_copy():
     master = opt.state[params[0]]["master_param"]
     assert master.dtype == torch.float32 and not torch.equal(master, widened)
     assert torch.equal(master.to(torch.float16), params[0].detach())
+
+
+def test_replaced_state_tensors_are_seen_before_the_step():
+    """The per-step identity checks cover the 16-bit buckets' float32 state and master copy:
+    a replaced square_avg is adopted (a bfloat16 one widened into a float32 copy), a master
+    copy of the wrong shape is refused before anything is written."""
+    params = make_params(torch.bfloat16)
+    oracle = Oracle(params, dict(lr=0.01), "master")
+    opt = fastrms_torch.RMSprop(params, lr=0.01, master_weights=True)
+    gen = torch.Generator().manual_seed(10)
+    oracle.step(set_grads(params, gen))
+    opt.step()
+    state = opt.state[params[0]]
+    state["square_avg"] = state["square_avg"].clone()
+    state["master_param"] = state["master_param"].clone()
+    oracle.step(set_grads(params, gen))
+    opt.step()
+    oracle.check(opt, params, "replaced float32 state")
+    rounded = state["square_avg"].to(torch.bfloat16)
+    opt.state[params[0]]["square_avg"] = rounded
+    oracle.state[0]["square_avg"] = numpy_of(rounded).astype(np.float32)
+    oracle.step(set_grads(params, gen))
+    opt.step()
+    assert opt.state[params[0]]["square_avg"].dtype == torch.float32
+    oracle.check(opt, params, "a bfloat16 square_avg, widened")
+    before = [numpy_of(p) for p in params]
+    opt.state[params[0]]["master_param"] = torch.zeros(5)
+    set_grads(params, gen)
+    with pytest.raises(RuntimeError, match="master_param"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert_same_bits(p, b, "unchanged")
