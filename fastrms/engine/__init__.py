@@ -8,7 +8,9 @@ into :class:`Bucket` objects holding NumPy arrays, and steps them with an :class
 - :mod:`.hyperparameters`: group keys, their check, the coefficients of a bucket;
 - :mod:`.buckets`: :class:`Bucket` and :class:`StepCounts`;
 - :mod:`.checks`: disjoint parameters, gradients that fit and do not alias the step's writes;
-- :mod:`.stepper`: :class:`Engine`, the step.
+- :mod:`.stepper`: :class:`Engine`, the step;
+- :mod:`.precision`: the options of float16 / bfloat16 parameters (``param_rounding``, ``seed``,
+  ``master_weights``) and their stochastic rounding keys.
 """
 from .buckets import OPTIONAL_BUFFERS, STATE_BUFFERS, Bucket, StepCounts
 from .checks import ArrayGradients, WrittenRegions, check_params_disjoint
