@@ -9,6 +9,7 @@ into :class:`Bucket` objects holding NumPy arrays, and steps them with an :class
 - :mod:`.buckets`: :class:`Bucket` and :class:`StepCounts`;
 - :mod:`.checks`: disjoint parameters, gradients that fit and do not alias the step's writes;
 - :mod:`.stepper`: :class:`Engine`, the step;
+- :mod:`.interrupts`: a Ctrl-C during a step's writes delivered after them;
 - :mod:`.precision`: the options of float16 / bfloat16 parameters (``param_rounding``, ``seed``,
   ``master_weights``) and their stochastic rounding keys.
 """

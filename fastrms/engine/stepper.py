@@ -12,6 +12,7 @@ from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
 from .hyperparameters import HYPERPARAMETERS, group_coefficients
+from .interrupts import deliver_interrupts, hold_interrupts
 from .precision import MASTER, check_master_has_targets, check_precision_options
 
 #: The group keys that make coefficients (lr and grad_scale come per step).
@@ -147,9 +148,14 @@ class Engine:
         if skip_nonfinite and not self.all_finite(jobs):
             return False
         self.switch_on(jobs)
-        for bucket, coeffs, module, grads, addresses in jobs:
-            bucket.run(coeffs, module, grads, addresses)
-        self.advance(jobs)
+        held = hold_interrupts()  # a Ctrl-C lands before the first write or after the count
+        try:
+            for bucket, coeffs, module, grads, addresses in jobs:
+                bucket.run(coeffs, module, grads, addresses)
+            self.advance(jobs)
+        finally:
+            if held:
+                deliver_interrupts()
         return True
 
     def advance(self, plan) -> None:

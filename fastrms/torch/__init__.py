@@ -28,6 +28,7 @@ from .. import _dispatch
 from ..engine import group_coefficients, resolve_module
 from ._flat import FlatTensorBucket
 from ._checkpoint import check_checkpoint
+from ..engine.interrupts import deliver_interrupts, hold_interrupts
 from ..engine.precision import check_master_has_targets, check_precision_options
 from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, TORCH_PRECISION_OPTIONS, Plan, StepSlots,
                     _get_scalar_dtype, run_torch_jobs)
@@ -266,9 +267,14 @@ class RMSprop(torch.optim.RMSprop):
             if grad_scale is not None:
                 grad_scale = float(grad_scale)
             plan, (kernel_jobs, torch_jobs) = self._prepare(grad_scale)
-            plan.engine.run(kernel_jobs)
-            if torch_jobs:
-                run_torch_jobs(torch_jobs, self.defaults["differentiable"], grad_scale)
+            held = hold_interrupts()  # the kernel's tensors and torch's: one step under Ctrl-C
+            try:
+                plan.engine.run(kernel_jobs)
+                if torch_jobs:
+                    run_torch_jobs(torch_jobs, self.defaults["differentiable"], grad_scale)
+            finally:
+                if held:
+                    deliver_interrupts()
         return loss
 
     def load_state_dict(self, state_dict) -> None:
