@@ -83,13 +83,13 @@ def check_compact_arrays(param, grad, states, master_param, uses_momentum, cente
         if not master_param.flags.writeable:
             raise ValueError("master_param is read-only; it is updated in place and must be "
                              "writeable")
-    check_writeable(param)
+    check_writeable(param, None)
     for name, state in zip(STATE_NAMES, states):
         if isinstance(state, _ndarray) and not state.flags.writeable:
             raise ValueError(f"{name} is read-only; it is updated in place and must be writeable")
 
 
-def _memory(param, grad, states, master_param):
+def memory(param, grad, states, master_param):
     """Every buffer of the call by name, for the overlap check."""
     named = {"param": param, "grad": grad, "master_param": master_param}
     for name, state in zip(STATE_NAMES, states):
@@ -132,7 +132,7 @@ def rmsprop_update_compact(param, grad, states, hyperparameters, *, param_roundi
     views = [a if a is None or type(a) is _ndarray or isinstance(a, Blockwise8)
              else a.view(_ndarray) for a in (grad, *states, master_param)]
     grad, states, master_param = views[0], tuple(views[1:4]), views[4]
-    named = _memory(param, grad, states, master_param)
+    named = memory(param, grad, states, master_param)
     check_no_internal_overlap(**{k: v for k, v in named.items() if k != "grad"})
     check_no_overlap_named(named)
     module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)

@@ -212,3 +212,11 @@ def update_compact(coeffs, param, grad, square_avg, momentum_buffer=None, grad_a
     for state, values in zip((square_avg, momentum_buffer, grad_avg), encoded):
         if state is not None:
             write_state(state, values)
+
+
+def decode_blockwise8(codes, scales, signed):
+    return _blockwise.decode(codes, scales, signed)
+
+
+def encode_blockwise8(values, signed):
+    return _blockwise.encode(values, signed)
