@@ -5,6 +5,7 @@ step in the format under test and decoded before the next: float32 (the baseline
 (round to nearest even), and blockwise 8-bit codes in blocks of 256 with one float32 absmax
 scale per block:
 
+- ``linear8``: absmax linear codes (the naive baseline);
 - ``tree8``: the dynamic (tree) quantization map of Dettmers et al. 2021 (bitsandbytes'
   ``create_dynamic_map``: signed for momentum_buffer / grad_avg, unsigned for square_avg),
   nearest map value by table search; it has a zero, so tiny values of square_avg round to 0;
@@ -15,7 +16,7 @@ scale per block:
 
 The update is SPEC's (torch form) in float32, written out here so that the script needs NumPy
 only (and scikit-learn for the digits). Problems: a least-squares fit (200 weights, one block,
-columns scaled over two decades so square_avg spans four) and the digits MLP of ``fastrms demo``
+columns scaled over two decades so square_avg spans four, and over four) and the digits MLP of ``fastrms demo``
 (64-64-10, 15 epochs), each plain, with momentum 0.9 and centered. Prints a Markdown table
 (docs/compact-state.md) and the NumPy encode+decode cost per element of each code.
 
@@ -72,6 +73,16 @@ def tree_roundtrip(x: np.ndarray, signed: bool) -> np.ndarray:
     return (TREE[signed][codes] * scale).reshape(-1)[:x.size].reshape(x.shape)
 
 
+def linear_roundtrip(x: np.ndarray, signed: bool) -> np.ndarray:
+    """Absmax linear 8-bit codes: round(x / scale * 127) signed, * 255 unsigned."""
+    blocks = _blocks(x)
+    scale = np.abs(blocks).max(axis=1, keepdims=True)
+    levels = F32(127 if signed else 255)
+    with np.errstate(all="ignore"):
+        q = np.where(scale > 0, np.rint(blocks / scale * levels), 0)
+    return (q / levels * scale).astype(F32).reshape(-1)[:x.size].reshape(x.shape)
+
+
 def fp8_roundtrip(x: np.ndarray, signed: bool) -> np.ndarray:
     codes, scales = _blockwise.encode(x, signed)
     return _blockwise.decode(codes, scales, signed).reshape(x.shape)
@@ -83,8 +94,8 @@ def bf16_roundtrip(x: np.ndarray, signed: bool) -> np.ndarray:
     return x.astype(ml_dtypes.bfloat16).astype(F32)
 
 
-FORMATS = {"float32": None, "bfloat16": bf16_roundtrip, "blockwise8 tree8": tree_roundtrip,
-           "blockwise8 fp8": fp8_roundtrip}
+FORMATS = {"float32": None, "bfloat16": bf16_roundtrip, "blockwise8 linear8": linear_roundtrip,
+           "blockwise8 tree8": tree_roundtrip, "blockwise8 fp8": fp8_roundtrip}
 
 
 class RMSprop:
@@ -120,9 +131,9 @@ class RMSprop:
             self.s[k] = self._keep(s, False)
 
 
-def least_squares(fmt, *, momentum=0.0, centered=False, steps=3000, seed=0):
+def least_squares(fmt, *, momentum=0.0, centered=False, steps=3000, seed=0, decades=2):
     rng = np.random.default_rng(seed)
-    a = (rng.standard_normal((1000, 200)) * np.logspace(0, -2, 200)).astype(F32)
+    a = (rng.standard_normal((1000, 200)) * np.logspace(0, -decades, 200)).astype(F32)
     x_true = rng.standard_normal(200).astype(F32)
     b = a @ x_true + F32(0.01) * rng.standard_normal(1000).astype(F32)
     x = np.zeros(200, F32)
@@ -173,8 +184,11 @@ def codec_cost(n=1 << 20, repeat=5):
 
 
 def main() -> None:
-    problems = [(f"{name}{suffix}", fn, options)
-                for name, fn in (("least squares", least_squares), ("digits MLP", digits))
+    problems = [(f"{name}{suffix}", fn, {**extra, **options})
+                for name, fn, extra in (("least squares", least_squares, {}),
+                                        ("least squares, columns over 4 decades",
+                                         least_squares, {"decades": 4}),
+                                        ("digits MLP", digits, {}))
                 for suffix, options in (("", {}), (", momentum 0.9", {"momentum": 0.9}),
                                         (", centered", {"centered": True}))]
     print("| problem | state | final loss | vs float32 | test accuracy |")

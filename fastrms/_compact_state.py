@@ -14,7 +14,7 @@ from ._blockwise import Blockwise8, check_blockwise
 from ._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
 from ._low_precision import check_extras_for_float, rounding_key
 from ._validation import check_no_internal_overlap, check_writeable, is_kernel_ready
-from .backends import numpy_reference
+from .backends import compact_module, numpy_reference
 
 _ndarray = np.ndarray
 STATE_NAMES = ("square_avg", "momentum_buffer", "grad_avg")
@@ -135,7 +135,7 @@ def rmsprop_update_compact(param, grad, states, hyperparameters, *, param_roundi
     named = memory(param, grad, states, master_param)
     check_no_internal_overlap(**{k: v for k, v in named.items() if k != "grad"})
     check_no_overlap_named(named)
-    module = _dispatch.resolve(backend, param.size, param.dtype, coeffs.flags)
+    module = compact_module(_dispatch.resolve(backend, param.size, param.dtype, coeffs.flags))
     if param.size == 0:
         return
     dense = [param, grad, master_param] + [s for s in states if isinstance(s, _ndarray)]
