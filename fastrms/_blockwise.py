@@ -187,7 +187,10 @@ class Blockwise8:
         return self.codes.nbytes + self.scales.nbytes
 
     def copy(self) -> "Blockwise8":
-        return Blockwise8(self.codes.copy(), self.scales.copy(), signed=self.signed)
+        """A deep copy, as it is (a diverged block's NaN scale included)."""
+        twin = object.__new__(Blockwise8)
+        twin.codes, twin.scales, twin.signed = self.codes.copy(), self.scales.copy(), self.signed
+        return twin
 
     def __repr__(self) -> str:
         return (f"Blockwise8(n={self.codes.size}, blocks={self.scales.size}, "
