@@ -72,7 +72,8 @@ def check_compact_arrays(param, grad, states, master_param, uses_momentum, cente
                 raise ValueError(f"{name} is required" + (f" when {reason}" if reason else ""))
             continue
         if not want:
-            raise ValueError(f"{name} was given but {'momentum is 0' if name[0] == 'm' else 'centered is False'}; {fix}")
+            why = "momentum is 0" if name == "momentum_buffer" else "centered is False"
+            raise ValueError(f"{name} was given but {why}; {fix}")
         _check_state(name, state, shape, size)
     if master_param is not None:
         if not isinstance(master_param, _ndarray) or master_param.dtype != FLOAT32:

@@ -1,7 +1,7 @@
 """The Numba backend's compact-state update (bfloat16 arrays, blockwise8 buffers), the twin of
-csrc/compact_state.h: whole blocks of 256 elements, each stream decoded into float32 scratch (or
-used in place when float32), the float32 loop of numba_backend.py, then encoded (blockwise8 with
-a new absmax scale). Every format and option is a run-time argument: one compiled signature.
+csrc/compact_state.h: whole blocks of 256 elements, 8 at a time, each stream decoded into
+float32 scratch (or used in place when float32), the float32 loop of numba_backend.py, then
+encoded (blockwise8 with a new absmax scale). Every format and option is a run-time argument: one compiled signature.
 
 Registered for the "numba" backend by fastrms/backends/__init__.py (``compact_module``), since
 numba_backend.py is at its size limit. Not cached on disk (``cache=False``): Numba would not
@@ -21,6 +21,9 @@ _jit = dict(JIT, cache=False)
 _inline = dict(_jit, inline="always")
 U = np.uint64
 BLOCK = 256
+#: Elements per call of the float32 loop (8 blockwise8 blocks): a Numba call with array
+#: arguments has a fixed cost (reference counting), paid here once per 2048 elements.
+CHUNK = 2048
 _EMPTY_F32 = np.zeros(0, np.float32)
 _EMPTY_U16 = np.zeros(0, np.uint16)
 _EMPTY_U8 = np.zeros(0, np.uint8)
@@ -42,7 +45,7 @@ def b8_decode_into(codes, scale, out, signed):
 
 @njit(**_inline)
 def b8_encode_from(values, codes, signed):
-    """Encode float32 ``values`` into ``codes``; return the block's scale (fastrms/_blockwise.py)."""
+    """Encode float32 ``values`` into ``codes``; return the block's scale (as _blockwise.py)."""
     top = U(0)
     for i in range(values.size):
         b = bits_of_float32(values[i]) & U(0x7FFFFFFF)
@@ -68,7 +71,7 @@ def b8_encode_from(values, codes, signed):
 
 
 @njit(**_inline)
-def _load_state(kind, dense, half, codes, scales, k, lo, hi, scratch_bits, signed):
+def _load_state(kind, dense, half, codes, scales, lo, hi, scratch_bits, signed):
     size = hi - lo
     if kind == STATE_F32:
         return dense[lo:hi]
@@ -76,16 +79,21 @@ def _load_state(kind, dense, half, codes, scales, k, lo, hi, scratch_bits, signe
     if kind == STATE_BF16:
         decode_into(half[lo:hi], scratch_bits[:size], True)
     else:
-        b8_decode_into(codes[lo:hi], scales[k], out, signed)
+        for q in range(0, size, BLOCK):
+            end = min(size, q + BLOCK)
+            b8_decode_into(codes[lo + q:lo + end], scales[(lo + q) // BLOCK], out[q:end], signed)
     return out
 
 
 @njit(**_inline)
-def _store_state(kind, values, half, codes, scales, k, lo, hi, scratch_bits, signed):
+def _store_state(kind, values, half, codes, scales, lo, hi, scratch_bits, signed):
     if kind == STATE_BF16:
         encode_into(scratch_bits[:hi - lo], half[lo:hi], True, False, U(0), U(0), 0)
     elif kind == STATE_B8:
-        scales[k] = b8_encode_from(values, codes[lo:hi], signed)
+        for q in range(0, hi - lo, BLOCK):
+            end = min(hi - lo, q + BLOCK)
+            scales[(lo + q) // BLOCK] = b8_encode_from(values[q:end], codes[lo + q:lo + end],
+                                                       signed)
 
 
 @njit(**_jit)
@@ -96,16 +104,16 @@ def _compact_blocks(P32, P16, G32, G16, M, S32, S16, S8, Ss, B32, B16, B8, Bs, A
     k0, k1 = key
     unscale_form, grad_scale, grad_scale_inverse = unscale
     n = max(P32.size, P16.size)
-    param_bits = np.empty(BLOCK, np.uint32)
-    grad_bits = np.empty(BLOCK, np.uint32)
-    s_bits = np.empty(BLOCK, np.uint32)
-    b_bits = np.empty(BLOCK, np.uint32)
-    a_bits = np.empty(BLOCK, np.uint32)
+    param_bits = np.empty(CHUNK, np.uint32)
+    grad_bits = np.empty(CHUNK, np.uint32)
+    s_bits = np.empty(CHUNK, np.uint32)
+    b_bits = np.empty(CHUNK, np.uint32)
+    a_bits = np.empty(CHUNK, np.uint32)
     master_bits = M.view(np.uint32)
     with_momentum, centered = forms[2], forms[1]
-    for k in range(block_lo, block_hi):
-        lo = k * BLOCK
-        hi = min(n, lo + BLOCK)
+    end = min(n, block_hi * BLOCK)
+    for lo in range(block_lo * BLOCK, end, CHUNK):
+        hi = min(end, lo + CHUNK)
         size = hi - lo
         if f32_param:
             p = P32[lo:hi]
@@ -129,21 +137,21 @@ def _compact_blocks(P32, P16, G32, G16, M, S32, S16, S8, Ss, B32, B16, B8, Bs, A
                 for i in range(size):
                     unscaled[i] = g[i] / grad_scale
             g = unscaled
-        s = _load_state(kinds[0], S32, S16, S8, Ss, k, lo, hi, s_bits, False)
+        s = _load_state(kinds[0], S32, S16, S8, Ss, lo, hi, s_bits, False)
         b = B32[:0]
         a = A32[:0]
         if with_momentum:
-            b = _load_state(kinds[1], B32, B16, B8, Bs, k, lo, hi, b_bits, True)
+            b = _load_state(kinds[1], B32, B16, B8, Bs, lo, hi, b_bits, True)
         if centered:
-            a = _load_state(kinds[2], A32, A16, A8, As, k, lo, hi, a_bits, True)
+            a = _load_state(kinds[2], A32, A16, A8, As, lo, hi, a_bits, True)
         nb._update_flat(p, g, s, b, a, coefficients, forms)
         if not f32_param:
             encode_into(p_bits, P16[lo:hi], bf16, stochastic, k0, k1, lo)
-        _store_state(kinds[0], s, S16, S8, Ss, k, lo, hi, s_bits, False)
+        _store_state(kinds[0], s, S16, S8, Ss, lo, hi, s_bits, False)
         if with_momentum:
-            _store_state(kinds[1], b, B16, B8, Bs, k, lo, hi, b_bits, True)
+            _store_state(kinds[1], b, B16, B8, Bs, lo, hi, b_bits, True)
         if centered:
-            _store_state(kinds[2], a, A16, A8, As, k, lo, hi, a_bits, True)
+            _store_state(kinds[2], a, A16, A8, As, lo, hi, a_bits, True)
 
 
 @njit(parallel=True, **_jit)
