@@ -1,7 +1,8 @@
 """The Numba backend's compact-state update (bfloat16 arrays, blockwise8 buffers), the twin of
 csrc/compact_state.h: whole blocks of 256 elements, 8 at a time, each stream decoded into
 float32 scratch (or used in place when float32), the float32 loop of numba_backend.py, then
-encoded (blockwise8 with a new absmax scale). Every format and option is a run-time argument: one compiled signature.
+encoded (blockwise8 with a new absmax scale). Every format and option is a run-time argument:
+one compiled signature.
 
 Registered for the "numba" backend by fastrms/backends/__init__.py (``compact_module``), since
 numba_backend.py is at its size limit. Not cached on disk (``cache=False``): Numba would not
