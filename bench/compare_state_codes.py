@@ -15,10 +15,11 @@ scale per block:
   docs/compact-state.md).
 
 The update is SPEC's (torch form) in float32, written out here so that the script needs NumPy
-only (and scikit-learn for the digits). Problems: a least-squares fit (200 weights, one block,
-columns scaled over two decades so square_avg spans four, and over four) and the digits MLP of ``fastrms demo``
-(64-64-10, 15 epochs), each plain, with momentum 0.9 and centered. Prints a Markdown table
-(docs/compact-state.md) and the NumPy encode+decode cost per element of each code.
+only (and scikit-learn for the digits). Problems: a least-squares fit (200 weights, one
+block, columns scaled over two decades so square_avg spans four, and over four) and the digits
+MLP of ``fastrms demo`` (64-64-10, 15 epochs), each plain, with momentum 0.9 and centered.
+Prints a Markdown table (docs/compact-state.md) and the NumPy encode+decode cost per element
+of each code.
 
     python bench/compare_state_codes.py
 """

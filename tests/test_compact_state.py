@@ -105,7 +105,8 @@ def test_codecs_equal_the_reference(name, signed, rng, restore_simd):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-2.0 ** 100, 2.0 ** 100, width=32), min_size=1, max_size=600), st.booleans())
+@given(st.lists(st.floats(-2.0 ** 100, 2.0 ** 100, width=32), min_size=1, max_size=600),
+       st.booleans())
 def test_round_trip_error_is_bounded(values, signed):
     x = np.array(values, F32)
     if not signed:
