@@ -120,3 +120,30 @@ int fastrms_roofline_p16(unsigned flags, uint16_t *param, const uint16_t *grad,
 int fastrms_set_conversion_instructions(int enabled);
 /* Bit 0: F16C is used now; bit 1: AVX512-BF16 is used now. */
 int fastrms_conversion_instructions(void);
+
+/* -- compact state: bfloat16 arrays or blockwise8 buffers (uint8 codes, one float32 scale per
+ * block of 256; the format: fastrms/_blockwise.py) for square_avg, momentum_buffer, grad_avg,
+ * with float32 or 16-bit params. `formats`: the 16-bit bits above, or FASTRMS_PARAM_F32 for a
+ * float32 param and grad, OR one format per state stream (none of its bits: float32). */
+#define FASTRMS_PARAM_F32 16
+#define FASTRMS_SQUARE_AVG_BF16 256
+#define FASTRMS_SQUARE_AVG_B8 512
+#define FASTRMS_MOMENTUM_BUFFER_BF16 1024
+#define FASTRMS_MOMENTUM_BUFFER_B8 2048
+#define FASTRMS_GRAD_AVG_BF16 4096
+#define FASTRMS_GRAD_AVG_B8 8192
+#define FASTRMS_B8_BLOCK 256
+
+/* states[3]: square_avg, momentum_buffer, grad_avg (float *, uint16_t * or uint8_t * codes;
+ * unused ones may be NULL); scales[3]: the float32 scales of the blockwise8 ones (ceil(n / 256)
+ * each). One pass: each block is decoded, updated in float32, encoded with a new scale. */
+int fastrms_update_compact(const struct fastrms_coeffs_f32 *coeffs, unsigned flags,
+                           unsigned formats, uint64_t key, void *param, const void *grad,
+                           void **states, float **scales, float *master_param, size_t n);
+/* The blockwise8 codec alone (is_signed: the momentum_buffer / grad_avg code). */
+int fastrms_decode_b8(int is_signed, const uint8_t *codes, const float *scales, float *out,
+                      size_t n);
+int fastrms_encode_b8(int is_signed, const float *in, uint8_t *codes, float *scales, size_t n);
+/* The roofline of the compact update: the same streams, trivial arithmetic. */
+int fastrms_roofline_compact(unsigned flags, unsigned formats, void *param, const void *grad,
+                             void **states, float **scales, size_t n);

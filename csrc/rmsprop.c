@@ -156,3 +156,4 @@ static int first_overlap(const void *const buffers[5], size_t nbytes) {
 
 #include "codecs16.h"
 #include "rmsprop16.h"
+#include "compact_state.h"

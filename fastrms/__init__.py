@@ -9,6 +9,7 @@ momentum buffer and the centered gradient average. Three backends give the same 
 >>> square_avg = np.zeros_like(param)
 >>> fastrms.rmsprop_update(param, grad, square_avg, lr=0.01)
 """
+from ._blockwise import Blockwise8
 from ._c_api import get_include
 from ._coefficients import Coefficients, kernel_coefficients
 from ._dispatch import (BackendFallbackWarning, BackendUnavailableError, automatic_choice,
@@ -25,6 +26,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendFallbackWarning",
     "BackendUnavailableError",
+    "Blockwise8",
     "Coefficients",
     "FlatParams",
     "RMSprop",

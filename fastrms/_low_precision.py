@@ -70,8 +70,8 @@ def _check_state(name, array, param_dtype, shape):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
     if array.dtype != FLOAT32:
         if array.dtype in LOW_PRECISION_DTYPES:
-            raise TypeError(f"{name} has dtype {array.dtype}: 16-bit state arrays are not "
-                            f"supported yet; the state of a {param_dtype} param is float32")
+            raise TypeError(f"{name} has dtype {array.dtype}: state arrays are float32, "
+                            f"bfloat16 or a fastrms.Blockwise8 (docs/compact-state.md)")
         raise TypeError(f"{name} has dtype {array.dtype} but the state of a {param_dtype} "
                         f"param must be float32")
     if array.shape != shape:

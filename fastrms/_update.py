@@ -6,6 +6,7 @@ import numpy as np
 from . import _dispatch
 from . import _coefficients
 from ._codecs import LOW_PRECISION_DTYPES
+from ._compact_state import any_compact, rmsprop_update_compact
 from ._coefficients import FLOAT_DTYPES
 from ._low_precision import check_extras_for_float, rmsprop_update_low_precision
 from ._validation import (check_arrays, check_no_internal_overlap, check_no_overlap,
@@ -42,6 +43,11 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     else). ``master_param``: a float32 copy of the parameter that the update runs on instead,
     ``param`` receiving its nearest 16-bit value.
 
+    Compact state (docs/compact-state.md): any state argument may be a bfloat16 array (round
+    to nearest even) or a :class:`fastrms.Blockwise8` (unsigned for ``square_avg``, signed
+    for the others), with float32 or 16-bit params: each block is decoded, updated in float32
+    in the same order, and encoded (a new scale per block of 256).
+
     Every argument is checked before anything is written; bad input raises ``TypeError`` or
     ``ValueError`` naming the argument and leaves every array untouched.
 
@@ -63,6 +69,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
     # large part of the whole cost of a call.
     dtype = param.dtype if type(param) is _ndarray else None
     if dtype is not _FLOAT32 and dtype is not _FLOAT64:
+        if any_compact(square_avg, momentum_buffer, grad_avg):
+            return _compact(param, grad, square_avg, momentum_buffer, grad_avg, locals())
         if isinstance(param, _ndarray) and param.dtype in LOW_PRECISION_DTYPES:
             return rmsprop_update_low_precision(
                 param, grad, square_avg, (lr, alpha, eps, weight_decay, momentum, centered,
@@ -96,6 +104,8 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         accepted = (coeffs.centered and type(grad_avg) is _ndarray and grad_avg.dtype is dtype
                     and grad_avg.shape == shape)
     if not accepted:
+        if any_compact(square_avg, momentum_buffer, grad_avg):
+            return _compact(param, grad, square_avg, momentum_buffer, grad_avg, locals())
         check_arrays(param, grad, square_avg, momentum_buffer, grad_avg, coeffs.uses_momentum,
                      coeffs.centered)
         # Subclasses (np.matrix, masked arrays) are updated as the plain memory they hold.
@@ -116,6 +126,20 @@ def rmsprop_update(param, grad, square_avg, *, lr, alpha=0.99, eps=1e-8, weight_
         module.update(coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
     else:
         _update_through_copies(module, coeffs, param, grad, square_avg, momentum_buffer, grad_avg)
+
+
+def _compact(param, grad, square_avg, momentum_buffer, grad_avg, arguments):
+    """The compact-state path (bfloat16 or Blockwise8 state), with the call's arguments."""
+    hyperparameters = tuple(arguments[name] for name in _HYPERPARAMETERS)
+    rmsprop_update_compact(param, grad, (square_avg, momentum_buffer, grad_avg),
+                           hyperparameters, param_rounding=arguments["param_rounding"],
+                           seed=arguments["seed"], step=arguments["step"],
+                           master_param=arguments["master_param"], backend=arguments["backend"])
+
+
+_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize",
+                    "eps_in_sqrt", "lr_in_momentum", "nesterov", "decoupled_weight_decay",
+                    "grad_scale")
 
 
 def _all_kernel_ready(*arrays) -> bool:

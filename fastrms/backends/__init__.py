@@ -28,6 +28,13 @@ Each backend module provides
   ``all_finite`` takes 16-bit gradients with float32 coefficients.
   ``decode_low_precision(values)`` / ``encode_low_precision(values, dtype, key=None,
   first_index=0)``: the codecs alone; ``roofline_low_precision`` (compiled backends).
+- compact state (bfloat16 arrays, :class:`fastrms.Blockwise8`), in the module
+  :func:`compact_module` names (the backend's own, or a companion when the backend's file is
+  full): ``update_compact(coeffs, param, grad, square_avg, momentum_buffer, grad_avg,
+  master_param=None, key=None)``, float32 coefficients; param float32, float16 or bfloat16;
+  each state a float32 / bfloat16 array of param's shape or a Blockwise8; dense arrays
+  C-contiguous and aligned (the reference takes any strides); ``decode_blockwise8(codes,
+  scales, signed)`` / ``encode_blockwise8(values, signed)``; ``roofline_compact`` (C).
 - ``set_num_threads(n)`` and ``describe()``, a dict for :func:`fastrms.info`.
 
 Modules are imported on first use, so ``import fastrms`` never imports Numba. Tests take their
@@ -105,6 +112,20 @@ def _c_reason(exc: BaseException) -> str:
                 f"shadows an installed copy there)")
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     return f"the C extension {spec.origin} failed to load: {type(cause).__name__}: {cause}"
+
+
+#: Companion modules holding a backend's compact-state functions (see the module docstring).
+_COMPACT_MODULES = {"numba": "fastrms.backends.numba_compact"}
+
+
+def compact_module(module: ModuleType) -> ModuleType:
+    """The module with ``update_compact`` for a loaded backend module."""
+    if hasattr(module, "update_compact"):
+        return module
+    for name, loaded in _loaded.items():
+        if loaded is module and name in _COMPACT_MODULES:
+            return importlib.import_module(_COMPACT_MODULES[name])
+    raise RuntimeError(f"backend {module.__name__} has no compact-state update")
 
 
 def availability(name: str) -> tuple[bool, str]:

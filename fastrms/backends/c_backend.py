@@ -439,3 +439,7 @@ if _simd_cap:
         # An ImportError makes the registry record the backend as unavailable, with this reason.
         raise ImportError(f"FASTRMS_SIMD={_simd_cap!r} is not one of {', '.join(SIMD_NAMES)}")
     set_simd_level(_simd_cap)
+
+# Compact state (bfloat16, blockwise8): its own module, to keep this one readable.
+from .c_compact import (decode_blockwise8, encode_blockwise8, roofline_compact,  # noqa: E402
+                        update_compact)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _codecs
+from .. import _blockwise, _codecs
 from .._coefficients import (CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM, MAXIMIZE, MOMENTUM,
                              NESTEROV, WD_COUPLED, WD_DECOUPLED, Coefficients)
 from .._validation import check_no_overlap
@@ -145,3 +145,78 @@ def set_num_threads(n: int | None) -> None:
 
 def describe() -> dict:
     return {"available": True, "reason": "always available (the reference)", "threads": 1}
+
+
+# -- compact state (bfloat16 arrays, Blockwise8 buffers) -----------------------------------
+
+
+def decode_state(state, shape):
+    """A state argument as float32 values of ``shape`` (float32 arrays as they are)."""
+    if isinstance(state, _blockwise.Blockwise8):
+        return _blockwise.decode(state.codes, state.scales, state.signed).reshape(shape)
+    return _codecs.decode(state) if state.dtype == _codecs.BFLOAT16 else state
+
+
+def reference_step_compact(coeffs, param, grad, square_avg, momentum_buffer=None,
+                           grad_avg=None, master_param=None, key=None):
+    """Decode every stream to float32, run :func:`reference_step` (SPEC's order, float32),
+    encode: returns (param, master_param, [encoded square_avg, momentum_buffer, grad_avg]),
+    each encoded state an array (float32 or bfloat16) or a (codes, scales) pair; None where
+    absent. Writes nothing."""
+    shape = param.shape
+    if param.dtype == _codecs.FLOAT32:
+        p32 = param
+    else:
+        p32 = master_param if master_param is not None else _codecs.decode(param)
+    g32 = grad if grad.dtype == _codecs.FLOAT32 else _codecs.decode(grad)
+    states = (square_avg, momentum_buffer, grad_avg)
+    decoded = [None if s is None else decode_state(s, shape) for s in states]
+    with np.errstate(all="ignore"):
+        p, s, b, a = reference_step(coeffs, p32, g32, *decoded)
+        p = np.asarray(p, _codecs.FLOAT32)
+        if param.dtype == _codecs.FLOAT32:
+            new_param = p
+        elif key is None:
+            new_param = _codecs.encode_nearest(p, param.dtype)
+        else:
+            new_param = _codecs.encode_stochastic(p, param.dtype, key)
+        encoded = []
+        for state, values in zip(states, (s, b, a)):
+            if state is None:
+                encoded.append(None)
+            elif isinstance(state, _blockwise.Blockwise8):
+                encoded.append(_blockwise.encode(values, state.signed))
+            elif state.dtype == _codecs.BFLOAT16:
+                encoded.append(_codecs.encode_nearest(values, _codecs.BFLOAT16))
+            else:
+                encoded.append(np.asarray(values, _codecs.FLOAT32))
+    return new_param, (p if master_param is not None else None), encoded
+
+
+def write_state(state, encoded) -> None:
+    """Store one encoded state (from :func:`reference_step_compact`) into its argument."""
+    if isinstance(state, _blockwise.Blockwise8):
+        state.codes[...], state.scales[...] = encoded
+    else:
+        state[...] = encoded
+
+
+def update_compact(coeffs, param, grad, square_avg, momentum_buffer=None, grad_avg=None,
+                   master_param=None, key=None):
+    """One step with compact state (the registry's contract; any strides here)."""
+    p, m, encoded = reference_step_compact(coeffs, param, grad, square_avg, momentum_buffer,
+                                           grad_avg, master_param, key)
+    param[...] = p
+    if m is not None:
+        master_param[...] = m
+    for state, values in zip((square_avg, momentum_buffer, grad_avg), encoded):
+        if state is not None:
+            write_state(state, values)
+
+
+def decode_blockwise8(codes, scales, signed):
+    return _blockwise.decode(codes, scales, signed)
+
+
+def encode_blockwise8(values, signed):
+    return _blockwise.encode(values, signed)
