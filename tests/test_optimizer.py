@@ -716,3 +716,15 @@ def test_update_many_cache_is_offered_and_kept_per_bucket(monkeypatch):
     strided = np.ones((3, 2))[:, 0]
     RMSprop([strided], backend="numpy").step([np.ones(3)])
     assert seen[3][0] is None
+
+
+def test_repr_names_the_settings_and_each_group_once():
+    params = [np.zeros(3, np.float32), np.zeros(2, np.float64)]
+    opt = fastrms.RMSprop([{"params": params[:1]}, {"params": params[1:], "momentum": 0.5}],
+                          lr=0.01)
+    lines = repr(opt).splitlines()
+    assert lines[0] == ("RMSprop(preset='torch', backend=None, skip_nonfinite=False, "
+                        "layout='list',")
+    assert [line.split(":")[0] for line in lines[1:]] == ["  group 0", "  group 1"]
+    assert "lr=0.01" in lines[1] and "momentum=0.5" in lines[2] and lines[-1].endswith(")")
+    assert repr(opt).count("(") == repr(opt).count(")")
