@@ -15,10 +15,11 @@
 #define FASTRMS_ALL_FORMATS 15u
 
 /* The common case in one fused pass: bfloat16 params and grads, round to nearest even, no master
- * copy, no loss scale. Widening is a shift and narrowing is bf16_nearest, both in registers, in
- * the float32 loop of rmsprop_kernel.h: the block pipeline below spends three passes per block
- * and its float32 arithmetic no longer overlaps the memory traffic (measured: the block path ran
- * no faster than float32 at 10^7). */
+ * copy, no loss scale, at the AVX2 and AVX-512 levels (both run the AVX2 copy; the baseline
+ * level keeps the block path). Widening is a shift and narrowing is bf16_nearest, both in
+ * registers, in the float32 loop of rmsprop_kernel.h: the block pipeline below spends three
+ * passes per block and its float32 arithmetic no longer overlaps the memory traffic (measured:
+ * the block path ran no faster than float32 at 10^7). */
 #define T float
 #define SFX bf16
 #define SQRT sqrtf
@@ -61,7 +62,7 @@ typedef struct {
     unscale_fn unscale;
     range_fn_f32 body;
     finite_fn_f32 finite;
-    fused_bf16_fn fused_bf16;
+    fused_bf16_fn fused_bf16; /* NULL: the block path (the baseline level) */
 } codecs16;
 
 static codecs16 codecs_now(void) {
@@ -77,7 +78,7 @@ static codecs16 codecs_now(void) {
                        unscale_avx512,
                        update_avx512_body_f32,
                        finite_avx512_f32,
-                       update_avx512_body_bf16};
+                       update_avx2_body_bf16};
         if (hardware && has_f16c) {
             c.decode[0] = decode_f16_f16c_avx512;
             c.decode_pair[0] = decode_pair_f16_f16c_avx512;
@@ -106,7 +107,7 @@ static codecs16 codecs_now(void) {
                        unscale_baseline,
                        update_baseline_body_f32,
                        finite_baseline_f32,
-                       update_baseline_body_bf16};
+                       NULL};
     }
     return c;
 }
@@ -151,7 +152,8 @@ static void encode_p16(const codecs16 *c, unsigned formats, uint32_t k0, uint32_
 }
 
 static void p16_range(const p16_stream_set *x, size_t lo, size_t hi) {
-    if (x->formats == FASTRMS_PARAM_BF16 && !(x->flags & FASTRMS_GRAD_SCALE)) {
+    if (x->formats == FASTRMS_PARAM_BF16 && !(x->flags & FASTRMS_GRAD_SCALE) &&
+        x->codecs->fused_bf16) {
         const stream_set_bf16 fused = {x->coeffs,     x->flags,          x->param,
                                        x->grad,       x->square_avg,     x->momentum_buffer,
                                        x->grad_avg};

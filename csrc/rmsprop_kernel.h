@@ -156,16 +156,13 @@ static ALWAYS_INLINE void NAME(by_flags)(const NAME(stream_set) *x, size_t lo, s
 }
 
 #ifdef STORAGE
-/* The per-level copies of the narrow-storage loop; the includer builds its dispatch on them. */
-#define BODY_FOR_LEVEL(level, target)                                                          \
-    static NOINLINE target void NAME(update_##level##_body)(const NAME(stream_set) * x,       \
-                                                            size_t lo, size_t hi) {           \
-        NAME(by_flags)(x, lo, hi);                                                            \
-    }
-BODY_FOR_LEVEL(baseline, )
-BODY_FOR_LEVEL(avx2, TARGET_AVX2)
-BODY_FOR_LEVEL(avx512, TARGET_AVX512)
-#undef BODY_FOR_LEVEL
+/* One AVX2 copy of the narrow-storage loop, the includer's to dispatch: every copy of these 60
+ * loop variants costs about 20 s of build time, and at the sizes where it matters the step is
+ * bound by memory, which AVX2's width already saturates. */
+static NOINLINE TARGET_AVX2 void NAME(update_avx2_body)(const NAME(stream_set) * x, size_t lo,
+                                                        size_t hi) {
+    NAME(by_flags)(x, lo, hi);
+}
 #else /* STORAGE: the rest is the plain T kernel's */
 
 /* Same streams as the update, trivial arithmetic: the speed limit of the memory system. */
