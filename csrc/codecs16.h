@@ -50,11 +50,15 @@ static ALWAYS_INLINE uint16_t f16_nearest(uint32_t x) {
     return (uint16_t)(a > 0x7F800000u ? f16_nan(x) : (sign | value));
 }
 
-/* float32 bits -> bfloat16, round to nearest even; NaN -> the quiet NaN of its sign (ml_dtypes). */
+/* float32 bits -> bfloat16, round to nearest even; NaN -> the quiet NaN of its sign (ml_dtypes).
+ * The NaN select is made on the 32-bit value before the one shift: GCC then vectorises it as one
+ * blend in 32-bit lanes, where selecting between two 16-bit results cost it a second narrowing
+ * (measured in the fused bfloat16 loop, in cache: 0.61 against 0.76 ns/element). The same bits
+ * as selecting after the shift, checked over all 2^32 inputs. */
 static ALWAYS_INLINE uint16_t bf16_nearest(uint32_t x) {
-    const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
-    const uint32_t nan = ((x >> 16) & 0x8000u) | 0x7FC0u;
-    return (uint16_t)((x & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
+    const uint32_t biased = x + 0x7FFFu + ((x >> 16) & 1u);
+    const uint32_t nan = (x & 0x80000000u) | 0x7FC00000u;
+    return (uint16_t)(((x & 0x7FFFFFFFu) > 0x7F800000u ? nan : biased) >> 16);
 }
 
 /* Stochastic rounding with 32 random bits r (fastrms/_codecs.py encode_stochastic). */

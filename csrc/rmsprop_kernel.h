@@ -1,17 +1,35 @@
 /* The fused RMSProp update for one element type. Included by rmsprop.c once per type with
  * T (the element type), SFX (the name suffix) and SQRT (the correctly rounded square root)
  * defined. The update order is the contract's, line by line; every line is its own rounding step
- * because the build passes -ffp-contract=off. */
+ * because the build passes -ffp-contract=off.
+ *
+ * Parameters and gradients may be stored narrower than T (rmsprop16.h: bfloat16 with float32
+ * arithmetic): the includer then also defines STORAGE (their element type), WIDEN(v) (exact
+ * conversion to T, done in registers) and NARROW(v) (T back to STORAGE), and COEFFS (the
+ * coefficient struct of T). Only the element loop and its per-level copies are emitted then:
+ * one fused pass, no block buffers, the same arithmetic line by line. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(base) CAT(base, SFX)
 
+#ifdef STORAGE
+#define P_STORE_T STORAGE
+#define LOAD_P(v) WIDEN(v)
+#define STORE_P(v) NARROW(v)
+#define COEFFS_T COEFFS
+#else
+#define P_STORE_T T
+#define LOAD_P(v) (v)
+#define STORE_P(v) (v)
+#define COEFFS_T struct NAME(fastrms_coeffs)
+#endif
+
 typedef struct {
-    const struct NAME(fastrms_coeffs) *coeffs;
+    const COEFFS_T *coeffs;
     unsigned flags;
-    T *param;
-    const T *grad;
+    P_STORE_T *param;
+    const P_STORE_T *grad;
     T *square_avg;
     T *momentum_buffer;
     T *grad_avg;
@@ -24,8 +42,8 @@ static ALWAYS_INLINE void NAME(update_range)(const NAME(stream_set) *x, size_t l
                                              const int maximize, const int centered,
                                              const int eps_in_sqrt, const int momentum_form,
                                              const int nesterov, const int decay_form) {
-    T *restrict P = x->param;
-    const T *restrict G = x->grad;
+    P_STORE_T *restrict P = x->param;
+    const P_STORE_T *restrict G = x->grad;
     T *restrict S = x->square_avg;
     T *restrict B = x->momentum_buffer;
     T *restrict A = x->grad_avg;
@@ -35,9 +53,9 @@ static ALWAYS_INLINE void NAME(update_range)(const NAME(stream_set) *x, size_t l
     const T decay = x->coeffs->decay;
 
     for (size_t i = lo; i < hi; ++i) {
-        T g = G[i];
+        T g = LOAD_P(G[i]);
         if (maximize) g = -g;
-        T p = P[i];
+        T p = LOAD_P(P[i]);
         if (decay_form == DECAY_COUPLED) {
             const T wd_p = weight_decay * p;
             g = g + wd_p;
@@ -94,7 +112,7 @@ static ALWAYS_INLINE void NAME(update_range)(const NAME(stream_set) *x, size_t l
                 p = p - step;
             }
         }
-        P[i] = p;
+        P[i] = STORE_P(p);
     }
 }
 
@@ -136,6 +154,16 @@ static ALWAYS_INLINE void NAME(by_flags)(const NAME(stream_set) *x, size_t lo, s
         else NAME(by_momentum)(x, lo, hi, mx, 0, 0);
     }
 }
+
+#ifdef STORAGE
+/* One AVX2 copy of the narrow-storage loop, the includer's to dispatch: every copy of these 60
+ * loop variants costs about 20 s of build time, and at the sizes where it matters the step is
+ * bound by memory, which AVX2's width already saturates. */
+static NOINLINE TARGET_AVX2 void NAME(update_avx2_body)(const NAME(stream_set) * x, size_t lo,
+                                                        size_t hi) {
+    NAME(by_flags)(x, lo, hi);
+}
+#else /* STORAGE: the rest is the plain T kernel's */
 
 /* Same streams as the update, trivial arithmetic: the speed limit of the memory system. */
 static ALWAYS_INLINE void NAME(roofline_range)(const NAME(stream_set) *x, size_t lo, size_t hi) {
@@ -416,6 +444,12 @@ int NAME(fastrms_all_finite)(const T *grad, size_t n, T grad_scale) {
     return NAME(fastrms_all_finite_multi)(grads, &n, 1, grad_scale);
 }
 
+#endif /* STORAGE */
+
+#undef P_STORE_T
+#undef LOAD_P
+#undef STORE_P
+#undef COEFFS_T
 #undef NAME
 #undef CAT
 #undef CAT_
