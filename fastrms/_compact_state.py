@@ -12,7 +12,8 @@ import numpy as np
 from . import _coefficients, _dispatch
 from ._blockwise import Blockwise8, check_blockwise
 from ._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
-from ._low_precision import check_extras_for_float, rounding_key
+from ._low_precision import (check_extras_for_float, check_grad_of_float32_compute,
+                             rounding_key)
 from ._validation import check_no_internal_overlap, check_writeable, is_kernel_ready
 from .backends import compact_module, numpy_reference
 
@@ -56,13 +57,7 @@ def check_compact_arrays(param, grad, states, master_param, uses_momentum, cente
     if dtype != FLOAT32 and dtype not in LOW_PRECISION_DTYPES:
         raise TypeError(f"param has dtype {dtype}; compact state (bfloat16 or Blockwise8) goes "
                         f"with float32, float16 or bfloat16 params (its compute dtype is float32)")
-    if not isinstance(grad, _ndarray):
-        raise TypeError(f"grad must be a numpy.ndarray, got {type(grad).__name__}")
-    if grad.dtype != dtype and grad.dtype != FLOAT32:
-        raise TypeError(f"grad has dtype {grad.dtype} but a {dtype} param takes a gradient of "
-                        f"dtype {dtype} or float32")
-    if grad.shape != shape:
-        raise ValueError(f"grad has shape {grad.shape} but param has shape {shape}")
+    check_grad_of_float32_compute(param, grad)
     wanted = (True, uses_momentum, centered)
     reasons = (None, "momentum > 0", "centered=True")
     undo = (None, "pass momentum > 0 or drop it", "pass centered=True or drop it")

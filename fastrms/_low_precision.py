@@ -78,17 +78,24 @@ def _check_state(name, array, param_dtype, shape):
         raise ValueError(f"{name} has shape {array.shape} but param has shape {shape}")
 
 
-def check_arrays_low_precision(param, grad, square_avg, momentum_buffer, grad_avg,
-                               master_param, uses_momentum: bool, centered: bool) -> None:
-    """Types, dtypes, shapes and presence of the arrays of a 16-bit update."""
-    dtype, shape = param.dtype, param.shape
+def check_grad_of_float32_compute(param, grad) -> None:
+    """A gradient for a parameter whose update computes in float32 (a float32 or 16-bit one):
+    an ndarray of the parameter's shape, of its dtype or float32."""
+    dtype = param.dtype
     if not isinstance(grad, _ndarray):
         raise TypeError(f"grad must be a numpy.ndarray, got {type(grad).__name__}")
     if grad.dtype != dtype and grad.dtype != FLOAT32:
         raise TypeError(f"grad has dtype {grad.dtype} but a {dtype} param takes a gradient of "
                         f"dtype {dtype} or float32")
-    if grad.shape != shape:
-        raise ValueError(f"grad has shape {grad.shape} but param has shape {shape}")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad has shape {grad.shape} but param has shape {param.shape}")
+
+
+def check_arrays_low_precision(param, grad, square_avg, momentum_buffer, grad_avg,
+                               master_param, uses_momentum: bool, centered: bool) -> None:
+    """Types, dtypes, shapes and presence of the arrays of a 16-bit update."""
+    dtype, shape = param.dtype, param.shape
+    check_grad_of_float32_compute(param, grad)
     _check_state("square_avg", square_avg, dtype, shape)
     if uses_momentum:
         if momentum_buffer is None:

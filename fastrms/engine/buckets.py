@@ -290,30 +290,32 @@ class Bucket:
             grads, addresses = lists["grad"], None
         optional = (lists["momentum_buffer"] if momentum else None,
                     lists["grad_avg"] if centered else None)
-        params = lists["param"]
-        unready = self.unready if self.chosen is None else ()
-        if unready:
-            params = list(params)
-            for k in unready:
-                params[k] = np.array(params[k], order="C", copy=True)
         update_many = getattr(module, "update_many_at_addresses", None) \
             if addresses is not None else None
         if update_many is None:
             update_many, taken = module.update_many, grads
         else:
             taken = addresses
-        arguments = (coeffs, params, taken, lists["square_avg"], *optional)
-        if unready:  # params holds fresh copies: nothing worth keeping
-            update_many(*arguments)
+        self._call(update_many, coeffs, lists["param"], (taken, lists["square_avg"], *optional))
+
+    def _call(self, update_many, coeffs, params: list, rest: tuple) -> None:
+        """``update_many(coeffs, params, *rest)``. Parameters the kernels cannot take as they
+        are (``self.unready``) go as C-contiguous copies, written back after. Otherwise our
+        lists are the same objects every step (they change only through this class), so the
+        backend gets a cache in which to keep what it converts them to."""
+        unready = self.unready if self.chosen is None else ()
+        if unready:
+            params = list(params)
+            for k in unready:
+                params[k] = np.array(params[k], order="C", copy=True)
+            update_many(coeffs, params, *rest)
             for k in unready:
                 self.params[k][...] = params[k]
-        else:
-            # Our lists are the same objects every step (they change only through this class),
-            # so a backend may convert them once and reuse the result.
-            cache = self.caches.get(update_many)
-            if cache is None:
-                cache = self.caches[update_many] = {}
-            update_many(*arguments, cache=cache)
+            return
+        cache = self.caches.get(update_many)
+        if cache is None:
+            cache = self.caches[update_many] = {}
+        update_many(coeffs, params, *rest, cache=cache)
 
     def _run_low_precision(self, coeffs, module, grads) -> None:
         """:meth:`run` for a float16 / bfloat16 bucket, rounding as ``self.precision`` says."""
@@ -330,24 +332,9 @@ class Bucket:
         if flat["param"] is not None:
             grads = lists["grad"]
         keys = self.keys(self.precision[1]) if stochastic else None
-        params = lists["param"]
-        unready = self.unready if self.chosen is None else ()
-        if unready:
-            params = list(params)
-            for k in unready:
-                params[k] = np.array(params[k], order="C", copy=True)
-        arguments = (coeffs, params, grads, lists["square_avg"],
-                     lists["momentum_buffer"] if optional[0] else None,
-                     lists["grad_avg"] if optional[1] else None, lists[MASTER], keys)
-        if unready:
-            module.update_many_low_precision(*arguments)
-            for k in unready:
-                self.params[k][...] = params[k]
-        else:
-            cache = self.caches.get(module.update_many_low_precision)
-            if cache is None:
-                cache = self.caches[module.update_many_low_precision] = {}
-            module.update_many_low_precision(*arguments, cache=cache)
+        self._call(module.update_many_low_precision, coeffs, lists["param"],
+                   (grads, lists["square_avg"], lists["momentum_buffer"] if optional[0] else None,
+                    lists["grad_avg"] if optional[1] else None, lists[MASTER], keys))
 
     def keys(self, seed: int) -> np.ndarray:
         """The stochastic rounding keys (uint64) of the chosen parameters for the step they
