@@ -38,9 +38,11 @@ static ALWAYS_INLINE void b8_decode(const uint8_t *restrict codes, float scale,
     }
 }
 
-/* Encode n values; returns the block's scale (NaN for a block holding a NaN or an infinity). */
-static ALWAYS_INLINE float b8_encode(const float *restrict in, uint8_t *restrict codes,
-                                     size_t n, int is_signed) {
+/* The scale rule of every encoder: *scale = the block's largest magnitude, and 1; or 0 for a
+ * block that needs no codes (all zero: scale 0; a NaN or an infinity: scale NaN), whose codes
+ * it sets to 0. */
+static ALWAYS_INLINE int b8_block_scale(const float *restrict in, uint8_t *restrict codes,
+                                        size_t n, float *scale) {
     uint32_t top = 0;
     for (size_t i = 0; i < n; ++i) {
         const uint32_t b = f32_bits(in[i]) & 0x7FFFFFFFu;
@@ -48,9 +50,19 @@ static ALWAYS_INLINE float b8_encode(const float *restrict in, uint8_t *restrict
     }
     if (top >= 0x7F800000u || top == 0) {
         memset(codes, 0, n);
-        return top ? f32_from_bits(0x7FC00000u) : 0.0f;
+        *scale = top ? f32_from_bits(0x7FC00000u) : 0.0f;
+        return 0;
     }
-    const float scale = f32_from_bits(top), inv = 1.0f / scale;
+    *scale = f32_from_bits(top);
+    return 1;
+}
+
+/* Encode n values; returns the block's scale (NaN for a block holding a NaN or an infinity). */
+static ALWAYS_INLINE float b8_encode(const float *restrict in, uint8_t *restrict codes,
+                                     size_t n, int is_signed) {
+    float scale;
+    if (!b8_block_scale(in, codes, n, &scale)) return scale;
+    const float inv = 1.0f / scale;
     /* Branch-free (min / max / masks), so that GCC vectorises both loops. */
     if (is_signed) {
         for (size_t i = 0; i < n; ++i) {
@@ -123,16 +135,8 @@ static ALWAYS_INLINE TARGET_AVX2 __m256i b8_codes_avx2(__m256 x, __m256 inv, int
 
 static TARGET_AVX2 float b8_encode_avx2_by_hand(const float *restrict in, uint8_t *restrict codes,
                                                 size_t n, int is_signed) {
-    uint32_t top = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const uint32_t b = f32_bits(in[i]) & 0x7FFFFFFFu;
-        top = b > top ? b : top;
-    }
-    if (top >= 0x7F800000u || top == 0) {
-        memset(codes, 0, n);
-        return top ? f32_from_bits(0x7FC00000u) : 0.0f;
-    }
-    const float scale = f32_from_bits(top);
+    float scale;
+    if (!b8_block_scale(in, codes, n, &scale)) return scale;
     const __m256 inv = _mm256_set1_ps(1.0f / scale);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     size_t i = 0;
