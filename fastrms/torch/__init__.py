@@ -77,15 +77,24 @@ class RMSprop(torch.optim.RMSprop):
     dtype and device. The optimizer reads its state again after ``load_state_dict`` or when a
     tensor in ``self.state`` or a parameter's ``.data`` was replaced.
 
+    DTensor parameters (FSDP2's ``fully_shard`` on a CPU mesh, tensor parallelism) run on the
+    kernel too: each rank updates its local shard (or replica) with its local gradient, which
+    is exact since the update is elementwise, and ``self.state`` holds DTensors of the
+    parameter's placements, as torch creates them, for ``torch.distributed.checkpoint``. A
+    gradient of other placements is redistributed first (torch's DTensor ops would do the
+    same); a parameter with a ``Partial`` placement goes to torch's implementation.
+    ``flatten=True`` leaves DTensor parameters in place (their memory is FSDP's).
+
     Parameters the kernel cannot serve, and what happens to them:
 
     - on another device (CUDA, MPS, meta, ...), of another dtype (complex, integer, float8,
       ...), not dense in memory (a strided view such as ``w[:, ::2]``; dense permuted layouts
-      such as channels_last do run on the kernel), a tensor subclass, or sharing memory with
-      another parameter: updated by torch's own implementation (``torch.optim.rmsprop.rmsprop``)
-      in the same step, with torch's state layout. ``unfused_parameters()`` lists them with the
-      reason. A group that contains such a parameter may not use a fastrms-only option (torch has
-      no such formula): that raises ``ValueError`` naming the parameter and the reason.
+      such as channels_last do run on the kernel), a tensor subclass other than DTensor, or
+      sharing memory with another parameter: updated by torch's own implementation
+      (``torch.optim.rmsprop.rmsprop``) in the same step, with torch's state layout.
+      ``unfused_parameters()`` lists them with the reason. A group that contains such a
+      parameter may not use a fastrms-only option (torch has no such formula): that raises
+      ``ValueError`` naming the parameter and the reason.
     - groups with ``differentiable=True``: updated entirely by torch's implementation, so that
       autograd can trace the update (the kernel writes memory autograd cannot see).
     - sparse gradients: ``RuntimeError("RMSprop does not support sparse gradients")``, as torch.

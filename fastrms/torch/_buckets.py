@@ -33,6 +33,10 @@ STALE = object()  # what prepare() returns when a parameter or its state changed
 class TensorBucket:
     """Kernel parameters of one group and dtype, each with its own state tensors."""
 
+    #: The tensor whose memory the kernel walks for a parameter or state tensor, where that is
+    #: not the tensor itself (a DTensor's local tensor); None: the tensor itself.
+    memory_of = None
+
     def __init__(self, context, state, index: int, group: dict, params: list, positions: list):
         self.context = context  # the plan: step-count slots and their tensors
         self.index = index
@@ -48,13 +52,17 @@ class TensorBucket:
         self.master_on = self.low_precision and bool(group.get("master_weights", False))
         self.torch_dtypes = [self.torch_dtype] * self.count
         self.align_mask = np.uintp(self.dtype.itemsize - 1)
-        self.nbytes = np.array([p.numel() * p.element_size() for p in params], dtype=np.uintp)
         flat_param, flat_grad = self._place_params()
-        self.layouts = TensorLayouts(params)
-        self.keys = [layout_key(p) for p in params]
+        #: What the kernel walks for each parameter (the parameters themselves, as a rule).
+        self.local = self._memory(params)
+        self.nbytes = np.array([p.numel() * p.element_size() for p in self.local],
+                               dtype=np.uintp)
+        self.layouts = TensorLayouts(self.local)
+        self.keys = [layout_key(p) for p in self.local]
         self.slots = [context.slot_of(p) for p in params]
         offset = context.group_offsets[index]  # state_dict ids: the stochastic streams
-        self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in params], context.counts,
+        self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in self.local],
+                             context.counts,
                              self.slots, flat_param, flat_grad,
                              ids=[offset + k for k in positions])
         self.dicts = [None] * self.count  # each parameter's state dict, once it has state
@@ -74,6 +82,12 @@ class TensorBucket:
         self._all_present = [True] * self.count
         self.clean = None  # (regions, addresses) that last passed the overlap check
         self._watch()
+
+    def _memory(self, tensors: list) -> list:
+        """The tensors whose memory the kernel walks for ``tensors`` (the same list when that
+        is the tensors themselves)."""
+        memory_of = self.memory_of
+        return tensors if memory_of is None else list(map(memory_of, tensors))
 
     def label(self, k: int) -> str:
         return f"param_groups[{self.index}]['params'][{self.positions[k]}]"
@@ -101,15 +115,19 @@ class TensorBucket:
     def _usable(self, name: str, k: int, tensor) -> torch.Tensor:
         """``tensor`` itself when the kernel can walk it alongside the parameter, else a copy
         (which then replaces it in the state dict)."""
-        if (type(tensor) in PLAIN_TYPES and tensor.device.type == "cpu"
-                and tensor.dtype == self.state_dtype and not tensor.requires_grad
-                and not tensor.is_neg() and layout_key(tensor) == self.keys[k]
-                and tensor.data_ptr() % tensor.element_size() == 0):
+        if self._walkable(k, tensor):
             return tensor
         fresh = self._new_buffer(name, k)
         with torch.no_grad():
             fresh.copy_(tensor)
         return fresh
+
+    def _walkable(self, k: int, tensor) -> bool:
+        """Whether the kernel can walk this state tensor's memory alongside parameter ``k``."""
+        return (type(tensor) in PLAIN_TYPES and tensor.device.type == "cpu"
+                and tensor.dtype == self.state_dtype and not tensor.requires_grad
+                and not tensor.is_neg() and layout_key(tensor) == self.keys[k]
+                and tensor.data_ptr() % tensor.element_size() == 0)
 
     def _attach(self, k: int, name: str, tensor: torch.Tensor) -> None:
         self.dicts[k][name] = tensor
@@ -117,7 +135,8 @@ class TensorBucket:
         bucket = self.bucket
         if bucket.state[name] is None:
             bucket.set_state(name, [None] * self.count, self._flat_state(name))
-        bucket.set_state_array(name, k, flat_array(tensor))
+        bucket.set_state_array(name, k, flat_array(
+            tensor if self.memory_of is None else self.memory_of(tensor)))
         self.watch = None
         self.dirty = True
 
@@ -201,7 +220,7 @@ class TensorBucket:
         replaces them) and those still hold the memory the views show (``.data =``,
         ``set_``). ``dicts_unchanged``: the plan saw that ``opt.state`` holds the very dicts
         of the last step, so the per-parameter lookup (a Python-level tensor hash each) can go."""
-        if not self.layouts.unchanged(self.params):
+        if not self.layouts.unchanged(self._memory(self.params)):
             return False
         current = self.dicts if dicts_unchanged else list(map(state.get, self.params))
         if not all(map(same, current, self.dicts)):
@@ -216,7 +235,7 @@ class TensorBucket:
             for get, dicts, tensors, layouts in watch:
                 if not all(map(same, map(get, dicts), tensors)):
                     return False
-                if layouts is not None and not layouts.unchanged(tensors):
+                if layouts is not None and not layouts.unchanged(self._memory(tensors)):
                     return False
         except KeyError:  # a state entry was deleted
             return False
@@ -234,7 +253,7 @@ class TensorBucket:
             kept = [(d, t) for d, t in zip(self.dicts, tensors) if t is not None]
             held = [t for _, t in kept]
             watch.append((operator.itemgetter(name), [d for d, _ in kept], held,
-                          TensorLayouts(held, addresses_only=True)))
+                          TensorLayouts(self._memory(held), addresses_only=True)))
         self.watch = watch
         return watch
 
@@ -255,7 +274,7 @@ class TensorBucket:
         if (coeffs.uses_momentum and not self.momentum_on) or \
                 (coeffs.centered and not self.centered_on):
             self.switch_on(coeffs.uses_momentum, coeffs.centered)
-        grads = list(map(get_grad, self.params))
+        grads = self._grads()
         # The usual case, every parameter with a gradient, is one C-level pass (`None in grads`
         # would compare tensors with ==).
         present = (self._all_present if all(map(is_not, grads, NONES))
@@ -272,6 +291,10 @@ class TensorBucket:
         if self.watch is None:
             self._watch()
         return self.bucket.chosen_grads(grads)
+
+    def _grads(self) -> list:
+        """Each parameter's gradient as the kernel reads it (None where there is none)."""
+        return list(map(get_grad, self.params))
 
     def job(self, coeffs, module, grads, regions):
         """Phase two, after every bucket's phase one: the kernel job for the chosen gradients,
@@ -328,7 +351,7 @@ class TensorBucket:
         out = []
         for j, g in enumerate(grads):
             k = j if chosen is None else chosen[j]
-            p = self.params[k]
+            p = self.local[k]
             if g.layout != torch.strided:
                 raise RuntimeError(SPARSE)
             if g.shape != p.shape:

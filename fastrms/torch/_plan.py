@@ -13,8 +13,9 @@ from ..engine import Engine, StepCounts
 from ..engine.precision import (PRECISION_DEFAULTS, check_master_has_targets,
                                 check_precision_options)
 from ._buckets import STALE, TensorBucket
+from ._dtensor import DTensorBucket
 from ._flat import FlatTensorBucket
-from ._tensors import (KERNEL_DTYPES, LOW_PRECISION, SPARSE, fallback_reason, same,
+from ._tensors import (KERNEL_DTYPES, LOW_PRECISION, PLAIN_TYPES, SPARSE, fallback_reason, same,
                        sharing_memory)
 
 try:
@@ -106,22 +107,27 @@ class Plan:
                     (p, "shares memory with another parameter (the kernel updates all of a "
                         "step's tensors at once; torch updates one after another)"))
             else:
-                by_bucket.setdefault((index, p.dtype), []).append((position, p))
+                distributed = type(p) not in PLAIN_TYPES  # a DTensor (fallback_reason said)
+                by_bucket.setdefault((index, p.dtype, distributed), []).append((position, p))
         for index, gp in enumerate(self.groups):  # all checks before flatten moves anything
             check_torch_can_serve(index, gp.group, gp.fallback)
             where = f"param_groups[{index}]"
             if check_precision_options(gp.group, where)[2]:
-                check_master_has_targets(gp.group, [KERNEL_DTYPES[dtype] for g, dtype in
+                check_master_has_targets(gp.group, [KERNEL_DTYPES[dtype] for g, dtype, _ in
                                                     by_bucket if g == index], where)
         for index, gp in enumerate(self.groups):
             for torch_dtype in KERNEL_DTYPES:  # float32, float64, bfloat16, float16
-                members = by_bucket.get((index, torch_dtype))
-                # flatten=True packs float32 / float64 parameters; 16-bit ones stay in place
-                kind = (FlatTensorBucket if opt._flatten and torch_dtype not in LOW_PRECISION
-                        else TensorBucket)
-                if members:
-                    gp.buckets.append(kind(self, opt.state, index, gp.group,
-                                           [p for _, p in members], [k for k, _ in members]))
+                for distributed in (False, True):
+                    members = by_bucket.get((index, torch_dtype, distributed))
+                    # flatten=True packs float32 / float64 parameters; 16-bit ones and
+                    # DTensors (whose memory FSDP owns) stay in place
+                    kind = (DTensorBucket if distributed else
+                            FlatTensorBucket if opt._flatten and torch_dtype not in LOW_PRECISION
+                            else TensorBucket)
+                    if members:
+                        gp.buckets.append(kind(self, opt.state, index, gp.group,
+                                               [p for _, p in members],
+                                               [k for k, _ in members]))
         self.buckets = [b for gp in self.groups for b in gp.buckets]
         self.engine = Engine([b.bucket for b in self.buckets], len(self.groups),
                              backend=opt._backend, describe=self._describe)

@@ -4,6 +4,7 @@ over lists of them."""
 from __future__ import annotations
 
 import operator
+import sys
 
 import numpy as np
 import torch
@@ -27,6 +28,25 @@ stride_of = torch.Tensor.stride
 is_contiguous = torch.Tensor.is_contiguous
 is_neg = torch.Tensor.is_neg
 same = operator.is_
+
+
+def dtensor_class():
+    """torch's ``DTensor`` class when ``torch.distributed.tensor`` is loaded, else None: no
+    DTensor can exist before that module is imported, so a plain model never pays for it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else getattr(module, "DTensor", None)
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's part of a DTensor (its shard, or its replica). Read as
+    the attribute: ``to_local()`` is an autograd function and may hand back a tensor whose
+    communication is still in flight, while the optimizer needs the memory itself."""
+    return t._local_tensor
 
 
 def layout_key(t: torch.Tensor):
@@ -97,6 +117,8 @@ def fallback_reason(p: torch.Tensor, group: dict):
     if group["differentiable"]:
         return "differentiable=True (torch's implementation keeps the update visible to autograd)"
     if type(p) not in PLAIN_TYPES:
+        if is_dtensor(p):
+            return dtensor_fallback_reason(p, group)
         return f"a tensor subclass ({type(p).__name__})"
     if p.device.type != "cpu":
         return f"on device {p.device} (the fused kernel runs on CPU)"
@@ -110,10 +132,29 @@ def fallback_reason(p: torch.Tensor, group: dict):
     return None
 
 
+def dtensor_fallback_reason(p, group: dict):
+    """:func:`fallback_reason` for a DTensor parameter: the kernel updates its local tensor
+    (a shard under FSDP2's ``fully_shard``, or a replica) when that tensor could be a
+    parameter itself and no placement is a pending reduction."""
+    if any(placement.is_partial() for placement in p.placements):
+        return "a DTensor with a Partial placement (a pending reduction, not a value)"
+    local = local_tensor(p)
+    if type(local) not in PLAIN_TYPES:
+        return f"a DTensor whose local tensor is a {type(local).__name__}"
+    reason = fallback_reason(local, group)
+    return None if reason is None else f"a DTensor whose local tensor is {reason}"
+
+
+def memory_of(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory the kernel walks for ``t``: its local tensor for a DTensor."""
+    return local_tensor(t) if type(t) not in PLAIN_TYPES and is_dtensor(t) else t
+
+
 def sharing_memory(params) -> set:
-    """ids of the parameters whose memory overlaps another parameter's."""
-    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p))
-                   for p in params if p.numel())
+    """ids of the parameters whose memory overlaps another parameter's (a DTensor's memory is
+    its local tensor's)."""
+    spans = sorted((m.data_ptr(), m.data_ptr() + m.numel() * m.element_size(), id(p))
+                   for p, m in zip(params, map(memory_of, params)) if m.numel())
     shared = set()
     end, owner = -1, None
     for lo, hi, key in spans:
