@@ -28,13 +28,14 @@ from .. import _dispatch
 from ..engine import group_coefficients, resolve_module
 from ._flat import FlatTensorBucket
 from ._checkpoint import check_checkpoint
+from ._functional import register as register_functional
 from ..engine.interrupts import deliver_interrupts, hold_interrupts
 from ..engine.precision import check_master_has_targets, check_precision_options
 from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, TORCH_PRECISION_OPTIONS, Plan, StepSlots,
                     _get_scalar_dtype, run_torch_jobs)
 from ._tensors import KERNEL_DTYPES, LOW_PRECISION, fallback_reason
 
-__all__ = ["RMSprop"]
+__all__ = ["FunctionalRMSprop", "RMSprop"]
 
 _TORCH_GROUP_DEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                          "differentiable": False, "capturable": False}
@@ -356,3 +357,50 @@ class RMSprop(torch.optim.RMSprop):
         group = dict(group, centered=bool(group["centered"]), maximize=bool(group["maximize"]))
         coeffs = group_coefficients(group, dtype, lr, f"param_groups[{index}]", grad_scale)
         return coeffs, resolve_module(self._backend, size, dtype, coeffs.flags)
+
+
+class FunctionalRMSprop(RMSprop):
+    """:class:`RMSprop` as ``ZeroRedundancyOptimizer(..., overlap_with_ddp=True)`` drives it:
+    ``step(gradients)`` takes one gradient per parameter of its single group (None: leave that
+    parameter alone) instead of reading ``.grad``, and an empty parameter list is allowed. You
+    do not construct it yourself: ZeroRedundancyOptimizer picks it for
+    ``optimizer_class=fastrms.torch.RMSprop`` from torch's table of functional optimizers.
+
+    >>> import torch, fastrms.torch
+    >>> a, b = torch.ones(2), torch.ones(2)
+    >>> opt = fastrms.torch.FunctionalRMSprop([a, b], lr=0.01)
+    >>> opt.step([torch.ones(2), None])  # b has no gradient this time
+    >>> a, b
+    (tensor([0.9000, 0.9000]), tensor([1., 1.]))
+    >>> a.grad is None
+    True
+    """
+
+    def __init__(self, params, *args, _allow_empty_param_list: bool = False, **kwargs):
+        params = list(params)
+        if not params and _allow_empty_param_list:
+            params = [{"params": []}]  # torch.optim.Optimizer refuses an empty list
+        super().__init__(params, *args, **kwargs)
+
+    @torch._disable_dynamo
+    def step(self, gradients=None, closure=None):
+        """One step with ``gradients`` in place of the parameters' ``.grad`` (which are left
+        as they were); without ``gradients``, :meth:`RMSprop.step`."""
+        if gradients is None:
+            return super().step(closure)
+        params = [p for group in self.param_groups for p in group["params"]]
+        gradients = list(gradients)
+        if len(gradients) != len(params):
+            raise ValueError(f"gradients has {len(gradients)} entries but the optimizer has "
+                             f"{len(params)} parameters")
+        kept = [p.grad for p in params]
+        try:
+            for p, g in zip(params, gradients):
+                p.grad = g
+            return super().step(closure)
+        finally:
+            for p, g in zip(params, kept):
+                p.grad = g
+
+
+register_functional(RMSprop, FunctionalRMSprop)
