@@ -30,6 +30,8 @@ from .precision import MASTER, is_low_precision, key_bases, step_keys
 STATE_BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
 OPTIONAL_BUFFERS = ("momentum_buffer", "grad_avg")
 _STREAMS = ("param",) + STATE_BUFFERS
+_ALL = slice(None)
+_add = np.add
 
 
 class StepCounts:
@@ -39,10 +41,11 @@ class StepCounts:
     A parameter gets a slot once (:meth:`slot`); buckets increment their slots together.
     """
 
-    __slots__ = ("dtype", "chunks", "_free", "_chunk_size")
+    __slots__ = ("dtype", "one", "chunks", "_free", "_chunk_size")
 
     def __init__(self, dtype, chunk_size: int = 1024):
         self.dtype = np.dtype(dtype)
+        self.one = self.dtype.type(1)
         self.chunks: list[np.ndarray] = []
         self._chunk_size = chunk_size
         self._free = 0  # next free slot in the last chunk
@@ -80,7 +83,7 @@ class StepCounts:
         for c, positions in by_chunk.items():
             lo = positions[0]
             if positions == list(range(lo, lo + len(positions))):
-                out.append((self.chunks[c][lo:lo + len(positions)], slice(None)))
+                out.append((self.chunks[c][lo:lo + len(positions)], _ALL))
             else:
                 out.append((self.chunks[c], np.array(positions, dtype=np.intp)))
         return out
@@ -363,5 +366,9 @@ class Bucket:
     def advance(self) -> None:
         """Count one step for each chosen parameter."""
         groups = self._step_groups if self.chosen is None else self._kernel_lists()["steps"]
+        one = self.counts.one
         for chunk, positions in groups:
-            chunk[positions] += 1
+            if positions is _ALL:  # a view of consecutive counts: a ufunc call, half the cost
+                _add(chunk, one, out=chunk)
+            else:
+                chunk[positions] += one
