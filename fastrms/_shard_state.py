@@ -20,10 +20,15 @@ from numbers import Integral
 
 import numpy as np
 
-from .checkpoint import (_STATE_KEYS, _as_builtin, _check_step, _exact_keys,
+from .checkpoint import (_ENTRY_KEYS, _as_builtin, _check_step, _exact_keys,
                          state_dict_from_arrays as _plain_from_arrays,
                          state_dict_to_arrays as _plain_to_arrays)
 from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
+from .engine.precision import MASTER, PRECISION_OPTIONS
+
+#: The buffers a state entry may hold: the optimizer state, and a 16-bit parameter's float32
+#: master copy.
+_BUFFERS = STATE_BUFFERS + (MASTER,)
 
 SHARD_KEYS = ("world_size", "rank", "dtypes", "sizes", "bounds")
 
@@ -34,10 +39,20 @@ def shard_description(world: int, rank: int, dtypes, sizes, bounds) -> dict:
             "sizes": [int(n) for n in sizes], "bounds": [[int(lo), int(hi)] for lo, hi in bounds]}
 
 
-def hyperparameter_entry(group: Mapping, where: str) -> dict:
-    """A parameter group's hyperparameters as a state dict stores them (a callable lr: None)."""
-    return {key: None if key == "lr" and callable(group[key])
-            else _as_builtin(group[key], f"{where}[{key!r}]") for key in HYPERPARAMETERS}
+def hyperparameter_entry(group: Mapping, where: str, keys=HYPERPARAMETERS) -> dict:
+    """A parameter group's ``keys`` as a state dict stores them (a callable lr: None; the
+    16-bit options as a str, an int and a bool)."""
+    entry = {}
+    for key in keys:
+        value = group[key]
+        if key == "lr" and callable(value):
+            entry[key] = None
+        elif key in PRECISION_OPTIONS:
+            entry[key] = value if isinstance(value, str) else \
+                (bool(value) if key == "master_weights" else int(value))
+        else:
+            entry[key] = _as_builtin(value, f"{where}[{key!r}]")
+    return entry
 
 
 def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict]) -> dict:
@@ -47,7 +62,7 @@ def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict])
     for i, (dtype, offset, size, shape) in enumerate(layout):
         whole = buffers[dtypes.index(dtype)]
         entry = {"step": step}
-        for name in STATE_BUFFERS:
+        for name in _BUFFERS:
             if name in whole:
                 entry[name] = whole[name][offset:offset + size].reshape(shape)
         state[i] = entry
@@ -55,8 +70,11 @@ def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict])
 
 
 def checked_shard_form(state_dict, *, layout, dtypes, bounds, shard: dict, current_lr,
-                       always_momentum: bool) -> tuple[dict, dict]:
+                       always_momentum: bool, state_dtypes=None,
+                       group_keys=HYPERPARAMETERS) -> tuple[dict, dict]:
     """Check ``state_dict`` (either form) against this rank and return ``(loadable, summary)``.
+    ``state_dtypes[d]``: the state's dtype for parameters of ``dtypes[d]`` (default the same;
+    float32 for float16 / bfloat16). ``group_keys``: the keys of the saved group.
 
     ``loadable`` is the shard form :func:`fastrms.checkpoint.load_state_dict` loads (new arrays, or the given
     ones where they are already the shard's); ``summary`` holds what every rank must agree on
@@ -65,22 +83,25 @@ def checked_shard_form(state_dict, *, layout, dtypes, bounds, shard: dict, curre
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    state_dtypes = list(dtypes if state_dtypes is None else state_dtypes)
     if "shard" in state_dict:
         _exact_keys(state_dict, ("state", "param_groups", "shard"), "state_dict")
         _check_shard(state_dict["shard"], shard)
-        expected = [(dtype, (hi - lo,)) for dtype, (lo, hi) in zip(dtypes, bounds)]
+        expected = [(state_dtype, (hi - lo,)) for state_dtype, (lo, hi) in
+                    zip(state_dtypes, bounds)]
         kinds = list(range(len(dtypes)))
     else:
         _exact_keys(state_dict, ("state", "param_groups"), "state_dict")
-        expected = [(dtype, shape) for dtype, _, _, shape in layout]
         kinds = [dtypes.index(dtype) for dtype, _, _, _ in layout]
+        expected = [(state_dtypes[kind], shape) for kind, (_, _, _, shape) in
+                    zip(kinds, layout)]
     hyper, step, arrays = _checked_entries(state_dict, expected, kinds, current_lr,
-                                           always_momentum)
+                                           always_momentum, group_keys)
     if "shard" in state_dict:
         pieces = arrays
     else:
-        pieces = [_slice_of(arrays, layout, dtype, lo, hi)
-                  for dtype, (lo, hi) in zip(dtypes, bounds)]
+        pieces = [_slice_of(arrays, layout, dtype, state_dtype, lo, hi)
+                  for dtype, state_dtype, (lo, hi) in zip(dtypes, state_dtypes, bounds)]
     loadable = {"state": {d: {"step": step, **piece} for d, piece in enumerate(pieces)},
                 "param_groups": [{**hyper, "params": list(range(len(dtypes)))}]}
     summary = {"step": step, "hyperparameters": hyper,
@@ -123,7 +144,8 @@ def _integer(value) -> int:
     return int(value)
 
 
-def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
+def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum,
+                     group_keys=HYPERPARAMETERS):
     """The checks of ``RMSprop.load_state_dict``, for a single group whose entries should be
     arrays of ``expected[k] = (dtype, shape)``; optional buffers present alike within each kind
     (dtype). Returns the saved hyperparameters, the step and one dict of arrays per entry."""
@@ -137,7 +159,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
     saved = groups[0]
     if not isinstance(saved, Mapping):
         raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}")
-    _exact_keys(saved, HYPERPARAMETERS + ("params",), where)
+    _exact_keys(saved, tuple(group_keys) + ("params",), where)
     ids = saved["params"]
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"{where}['params'] must be a list of parameter ids")
@@ -157,6 +179,8 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
     check_hyperparameters(checked, where)
     hyper = {key: None if key == "lr" and value is None else _as_builtin(value, f"{where}[{key!r}]")
              for key, value in hyper.items()}
+    # The 16-bit options as saved: fastrms.checkpoint.load_state_dict checks them.
+    hyper.update((key, saved[key]) for key in group_keys if key in PRECISION_OPTIONS)
     required = {"momentum_buffer": checked["momentum"] != 0 or always_momentum,
                 "grad_avg": bool(checked["centered"])}
 
@@ -178,7 +202,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
         entry = by_id[saved_id]
         if not isinstance(entry, Mapping):
             raise TypeError(f"{where} must be a mapping, got {type(entry).__name__}")
-        unknown = set(entry) - _STATE_KEYS
+        unknown = set(entry) - _ENTRY_KEYS
         if unknown:
             raise ValueError(f"{where} has unexpected keys {sorted(map(repr, unknown))}")
         for name in ("step", "square_avg"):
@@ -199,7 +223,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum):
                 raise ValueError(f"{where}: {name!r} is present for some parameters of its "
                                  f"dtype but not others")
         found = {}
-        for name in STATE_BUFFERS:
+        for name in _BUFFERS:
             if name in entry:
                 found[name] = _checked_array(entry[name], dtype, shape, f"{where}[{name!r}]")
         arrays.append(found)
@@ -210,18 +234,20 @@ def _checked_array(array, dtype, shape, where: str):
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{where} must be a numpy.ndarray, got {type(array).__name__}")
     if array.dtype != dtype:
-        raise TypeError(f"{where} has dtype {array.dtype} but its parameter has dtype {dtype}")
+        raise TypeError(f"{where} has dtype {array.dtype} but this optimizer keeps it in "
+                        f"{dtype}")
     if array.shape != tuple(shape):
         raise ValueError(f"{where} has shape {array.shape} but its parameter has shape "
                          f"{tuple(shape)}")
     return array
 
 
-def _slice_of(arrays, layout, dtype, lo: int, hi: int) -> dict:
-    """Elements [lo, hi) of the dtype's flat state, cut out of the full form's per-array entries."""
+def _slice_of(arrays, layout, dtype, state_dtype, lo: int, hi: int) -> dict:
+    """Elements [lo, hi) of the dtype's flat state (of ``state_dtype``), cut out of the full
+    form's per-array entries."""
     members = [i for i, entry in enumerate(layout) if entry[0] == dtype]  # never empty
-    names = [name for name in STATE_BUFFERS if name in arrays[members[0]]]
-    out = {name: np.empty(hi - lo, dtype) for name in names}
+    names = [name for name in _BUFFERS if name in arrays[members[0]]]
+    out = {name: np.empty(hi - lo, state_dtype) for name in names}
     for i in members:
         _, offset, size, _ = layout[i]
         start, stop = max(lo, offset), min(hi, offset + size)

@@ -30,7 +30,11 @@ from ._shard_state import (checked_shard_form, full_state_dict, hyperparameter_e
 from ._shards import buckets, piece_elements, shard_bounds
 from .engine import (HYPERPARAMETERS, STATE_BUFFERS, Bucket, Engine, StepCounts,
                      check_hyperparameters)
+from .engine.precision import (MASTER, PRECISION_DEFAULTS, PRECISION_OPTIONS,
+                               check_master_has_targets, check_precision_options,
+                               is_low_precision)
 from .flat import FlatParams
+from ._codecs import FLOAT32
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "OPTIONS", "RankError", "ShardedRMSprop",
            "state_dict_from_arrays", "state_dict_to_arrays"]
@@ -42,7 +46,12 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "OPTIONS", "RankError", "ShardedRMSprop",
 DEFAULT_BUCKET_BYTES = 2 << 20
 
 #: The keyword options besides ``comm``, ``average`` and ``bucket_bytes``: ``fastrms.RMSprop``'s.
-OPTIONS = HYPERPARAMETERS + ("preset", "backend", "skip_nonfinite")
+OPTIONS = HYPERPARAMETERS + PRECISION_OPTIONS + ("preset", "backend", "skip_nonfinite")
+_BUFFERS = STATE_BUFFERS + (MASTER,)
+#: Stochastic rounding draws its bits per parameter array, and a shard cuts arrays.
+STOCHASTIC_REFUSED = ("ShardedRMSprop rounds 16-bit parameters to nearest (with or without "
+                      "master_weights); param_rounding='stochastic' draws its random bits per "
+                      "parameter array, and a shard cuts arrays")
 
 
 class ShardedRMSprop:
@@ -70,6 +79,13 @@ class ShardedRMSprop:
     may change between steps (on every rank alike: each step checks that the ranks' kernel
     coefficients agree, with a few bytes of communication), and ``lr`` may be a callable of the
     1-based step number. ``param_groups[0]["params"]`` holds this rank's shard views.
+
+    float16 / bfloat16 parameters keep float32 state (and, with ``master_weights=True``, a
+    float32 master copy of the shard) and round to nearest: each rank's 16-bit gradient pieces
+    are widened, exactly, and summed in float32 in rank order, and the update reads that float32
+    sum, so the bits are those of ``fastrms.RMSprop`` over the same arrays stepped with the
+    float32 sums as gradients. ``param_rounding="stochastic"`` is refused: its random bits are
+    drawn per parameter array, and a shard cuts arrays. Parameters travel as 2-byte integers.
 
     Checkpoints: :meth:`state_dict` is this rank's shard; :meth:`consolidated_state_dict`
     gathers, on one rank, what ``fastrms.RMSprop(flat).state_dict()`` would hold;
@@ -136,6 +152,8 @@ class ShardedRMSprop:
         #: Per dtype: this rank's shard.
         self.shard = tuple(b[rank] for b in self.bounds)
         group, backend = self._options(options)
+        #: Per dtype: the dtype of its state (float32 for float16 / bfloat16 parameters).
+        self._state_dtypes = [FLOAT32 if is_low_precision(d) else d for d in self._dtypes]
         self._engine = self._shard_engine(group, backend)
         self._buckets = []
         self._pieces = []  # per dtype: elements of one rank's piece of a bucket
@@ -143,17 +161,23 @@ class ShardedRMSprop:
             piece = piece_elements(self.bucket_bytes, world, dtype.itemsize)
             self._pieces.append(piece)
             self._buckets.extend(buckets(self.bounds[d], piece, d))
-        self._mpi_types = [{4: self._MPI.FLOAT, 8: self._MPI.DOUBLE}[d.itemsize]
-                           for d in self._dtypes]
+        # 16-bit parameters and gradients travel as 2-byte integers (MPI has no bfloat16, and
+        # no arithmetic happens in MPI: the sums are taken here, widened to float32).
+        by_size = {2: self._MPI.UINT16_T, 4: self._MPI.FLOAT, 8: self._MPI.DOUBLE}
+        self._mpi_types = [by_size[d.itemsize] for d in self._dtypes]
+        self._state_mpi_types = [by_size[d.itemsize] for d in self._state_dtypes]
         #: Per rank, its row in a staging slot (None for this rank, whose piece stays in place).
         self._row_of_rank = [None if q == rank else q - (q > rank) for q in range(world)]
         # Two slots (one bucket arriving while the last one is summed and updated), each with
         # one row per peer; the reduced gradient of a bucket is summed into its first row.
         self._slots = [[np.empty((world - 1, piece), dtype) for dtype, piece in
                         zip(self._dtypes, self._pieces)] for _ in range(2 if world > 1 else 0)]
+        # The sums of 16-bit gradient pieces, in float32 (the widening is exact).
+        self._wide_sums = [np.empty(piece, FLOAT32) if is_low_precision(dtype) and world > 1
+                           else None for dtype, piece in zip(self._dtypes, self._pieces)]
         # skip_nonfinite must see every reduced gradient before any update: they are kept whole.
-        self._reduced = ([np.empty(hi - lo, dtype) for dtype, (lo, hi) in
-                          zip(self._dtypes, self.shard)]
+        self._reduced = ([np.empty(hi - lo, state_dtype) for state_dtype, (lo, hi) in
+                          zip(self._state_dtypes, self.shard)]
                          if self.skip_nonfinite and world > 1 else None)
         self._routes = [self._route(bucket) for bucket in self._buckets] if world > 1 else []
         self._layout_digest = digest(repr([(str(d), o, n, s) for d, o, n, s in flat.layout]))
@@ -169,6 +193,8 @@ class ShardedRMSprop:
         preset = presets.get(options.get("preset"))
         defaults = preset.defaults()
         defaults.update((key, options[key]) for key in HYPERPARAMETERS if key in options)
+        defaults.update((key, options.get(key, value)) for key, value in
+                        PRECISION_DEFAULTS.items())
         #: The defaults the group starts from (the preset's, then the explicit arguments).
         self.defaults = defaults
         #: The preset in force ("torch" when none was named).
@@ -186,6 +212,9 @@ class ShardedRMSprop:
             raise TypeError(f"param_groups[0]: lr is required with preset {preset.name!r} (the "
                             f"framework has no default learning rate)")
         check_hyperparameters(group, "param_groups[0]")
+        if check_precision_options(group, "param_groups[0]")[0] == "stochastic":
+            raise ValueError(f"param_groups[0]: {STOCHASTIC_REFUSED}")
+        check_master_has_targets(group, self._dtypes, "param_groups[0]")
         return group, backend
 
     def _shard_engine(self, group: dict, backend) -> Engine:
@@ -356,18 +385,21 @@ class ShardedRMSprop:
         if self.world_size == 1:
             return own
         rows = self._slots[j % 2][d][:, :hi - lo]
-        if into is None:
+        if into is not None:
+            shard_lo = self.shard[d][0]
+            out = into[d][lo - shard_lo:hi - shard_lo]
+        elif self._wide_sums[d] is not None:
+            out = self._wide_sums[d][:hi - lo]
+        else:
             # Row 0 holds the lowest peer rank: always one of the first two terms, so the
             # first addition reads it before writing over it.
             out = rows[0]
-        else:
-            shard_lo = self.shard[d][0]
-            out = into[d][lo - shard_lo:hi - shard_lo]
         sources = [own if row is None else rows[row] for row in self._row_of_rank]
+        # 16-bit pieces are widened to float32 (exactly) and summed there: out is float32.
         with np.errstate(over="ignore", invalid="ignore"):  # skip_nonfinite's business
-            np.add(sources[0], sources[1], out=out)
+            np.add(sources[0], sources[1], out=out, dtype=out.dtype)
             for source in sources[2:]:
-                np.add(out, source, out=out)
+                np.add(out, source, out=out, dtype=out.dtype)
         return out
 
     def _update(self, j: int, grad, plan) -> None:
@@ -391,10 +423,12 @@ class ShardedRMSprop:
     def flat_state(self) -> list[dict]:
         """Per dtype (FlatParams order): ``dtype``, ``bounds`` (this rank's shard, in elements of
         that dtype's buffer) and the shard's ``square_avg``, ``momentum_buffer``, ``grad_avg``
-        (None when absent): live buffers, element k belonging to element ``bounds[0] + k``."""
+        and, for float16 / bfloat16 parameters with ``master_weights``, ``master_param`` (None
+        when absent; float32 for 16-bit parameters): live buffers, element k belonging to
+        element ``bounds[0] + k``."""
         return [{"dtype": bucket.dtype, "bounds": bounds,
                  **{name: None if bucket.flat[name] is None else bucket.flat[name][...]
-                    for name in STATE_BUFFERS}}
+                    for name in _BUFFERS}}
                 for bucket, bounds in zip(self._engine.buckets, self.shard)]
 
     def _shard_description(self) -> dict:
@@ -418,9 +452,10 @@ class ShardedRMSprop:
                 raise TypeError(f"root must be an integer rank, got {type(root).__name__}")
             if not 0 <= root < self.world_size:
                 raise ValueError(f"root must be a rank in [0, {self.world_size}), got {root}")
-            hyper = hyperparameter_entry(self.param_groups[0], "param_groups[0]")
+            hyper = hyperparameter_entry(self.param_groups[0], "param_groups[0]",
+                                         checkpoint.group_keys(self))
             shards = self.flat_state()
-            names = [[n for n in STATE_BUFFERS if s[n] is not None] for s in shards]
+            names = [[n for n in _BUFFERS if s[n] is not None] for s in shards]
             step = self._engine.group_step(0)
             parts = {"root": str(root), "step": str(step), "buffers": repr(names),
                      "hyperparameters": repr(hyper)}
@@ -432,10 +467,10 @@ class ShardedRMSprop:
             gathered = {}
             counts = [hi - lo for lo, hi in bounds]
             displs = [lo for lo, _ in bounds]
+            state_dtype, kind = self._state_dtypes[d], self._state_mpi_types[d]
             for name in names[d]:
-                target = np.empty(self._sizes[d], dtype) if self.rank == root else None
-                self.comm.Gatherv(shards[d][name],
-                                  [target, (counts, displs), self._mpi_types[d]]
+                target = np.empty(self._sizes[d], state_dtype) if self.rank == root else None
+                self.comm.Gatherv(shards[d][name], [target, (counts, displs), kind]
                                   if self.rank == root else None, root=root)
                 gathered[name] = target
             whole.append(gathered)
@@ -454,7 +489,8 @@ class ShardedRMSprop:
             loadable, summary = checked_shard_form(
                 state_dict, layout=self.flat.layout, dtypes=self._dtypes, bounds=self.shard,
                 shard=self._shard_description(), current_lr=self.param_groups[0]["lr"],
-                always_momentum=self._always_momentum)
+                always_momentum=self._always_momentum, state_dtypes=self._state_dtypes,
+                group_keys=checkpoint.group_keys(self))
             parts = {name: repr(value) for name, value in summary.items()}
         except Exception as exc:
             error = exc

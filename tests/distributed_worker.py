@@ -96,7 +96,7 @@ def fill(flat, grads) -> None:
 
 
 def bits(array: np.ndarray) -> np.ndarray:
-    return array.view({4: np.uint32, 8: np.uint64}[array.itemsize])
+    return array.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[array.itemsize])
 
 
 def assert_same_array(a, b, where: str) -> None:
@@ -215,6 +215,54 @@ def bit_identical_for_every_option_and_dtype(comm):
             for _ in range(3):
                 pair.step()
             pair.verify(f"{kind} {options}")
+
+
+@check(2, 3)
+def sixteen_bit_parameters_sum_in_float32(comm):
+    """bfloat16 / float16 parameters and gradients: the pieces are widened and summed in
+    float32, so the reference is fastrms.RMSprop over the same arrays stepped with the float32
+    rank-order sums; checkpoints of both forms hold float32 state (and the master copy)."""
+    import ml_dtypes
+    from fastrms.distributed import ShardedRMSprop
+
+    layout = [(ml_dtypes.bfloat16, (37, 29)), (np.float16, (513,)), (np.float32, (300,)),
+              (ml_dtypes.bfloat16, (5,))]
+    rng = np.random.default_rng(7)
+    start = [rng.standard_normal(shape).astype(dtype) for dtype, shape in layout]
+    world, rank = comm.size, comm.rank
+    for options in ({}, {"momentum": 0.9, "centered": True},
+                    {"master_weights": True, "momentum": 0.5, "weight_decay": 0.01}):
+        where = f"16-bit {options}"
+        flat = fastrms.FlatParams([a.copy() for a in start])
+        opt = ShardedRMSprop(flat, comm, bucket_bytes=2048, lr=1e-2, **options)
+        ref_params = [a.copy() for a in start]
+        ref = fastrms.RMSprop(ref_params, lr=1e-2, **options)
+        for t in range(3):
+            fill(flat, local_grads(flat, rank, t))
+            sums = None
+            for q in range(world):
+                wide = [g.astype(np.float32) for g in local_grads(flat, q, t)]
+                sums = wide if sums is None else [a + b for a, b in zip(sums, wide)]
+            assert opt.step()
+            assert ref.step(sums, grad_scale=float(world))
+            if t == 1:  # resume from this rank's shard form: the run goes on unchanged
+                saved = opt.state_dict()
+                opt = ShardedRMSprop(flat, comm, bucket_bytes=2048, lr=1e-2, **options)
+                opt.load_state_dict(saved)
+        assert_same_arrays(flat.params, ref_params, where)
+        full = opt.consolidated_state_dict(root=world - 1)
+        if rank == world - 1:
+            assert_same_state_dict(full, ref.state_dict(), where)
+        # The full form loads on every rank (each keeps its slice) and gives this state back.
+        full = comm.bcast(full, root=world - 1)
+        again = ShardedRMSprop(flat, comm, bucket_bytes=2048, lr=1e-2, **options)
+        again.load_state_dict(full)
+        mine = again.consolidated_state_dict(root=0)
+        if rank == 0:
+            assert_same_state_dict(mine, full, f"{where}, reloaded")
+    exc = raises(ValueError, ShardedRMSprop, fastrms.FlatParams([a.copy() for a in start]),
+                 comm, lr=1e-2, param_rounding="stochastic")
+    assert "param_rounding='stochastic'" in str(exc), exc
 
 
 @check(2, 3)

@@ -355,12 +355,17 @@ class Bucket:
         (``hi - lo`` elements) in place of that range of the flat gradient buffer. For a front
         end whose gradients arrive piece by piece: the sharded optimizer updates each piece of
         its shard as that piece's reduced gradient arrives. Steps are counted apart
-        (:meth:`advance`), once per step however many ranges it ran."""
+        (:meth:`advance`), once per step however many ranges it ran. A 16-bit bucket rounds to
+        nearest (``grad``: its dtype or float32), on its master copy when it has one."""
         flat = self.flat
         arrays = (flat["param"][lo:hi], grad, flat["square_avg"][lo:hi],
                   flat["momentum_buffer"][lo:hi] if coeffs.uses_momentum else None,
                   flat["grad_avg"][lo:hi] if coeffs.centered else None)
-        if not module.update_if_ready(coeffs, *arrays):
+        if self.low_precision:  # rounding to nearest: a range has no stochastic stream
+            master = flat[MASTER]
+            module.update_low_precision(coeffs, *arrays,
+                                        None if master is None else master[lo:hi], None)
+        elif not module.update_if_ready(coeffs, *arrays):
             module.update(coeffs, *arrays)
 
     def advance(self) -> None:
