@@ -38,6 +38,7 @@ import numpy as np
 BLOCK = 256
 FLOAT32 = np.dtype(np.float32)
 UINT8 = np.dtype(np.uint8)
+_INF = np.float32(np.inf)
 _U32 = np.uint32
 UNSIGNED_MAX_CODE = 240
 SIGNED_MAX_MAGNITUDE = 120
@@ -217,7 +218,8 @@ def check_blockwise(name: str, state, n: int | None = None, signed: bool | None 
         want = "signed" if signed else "unsigned"
         raise TypeError(f"{name} must be a {want} Blockwise8 (signed=True for momentum_buffer "
                         f"and grad_avg, signed=False for square_avg)")
-    if check_scales and scales.size:
+    # min() and max() propagate a NaN: two reductions find a NaN, an infinity or a negative.
+    if check_scales and scales.size and not (scales.min() >= 0 and scales.max() < _INF):
         bad = ~(scales >= 0) | ~np.isfinite(scales)
         if bad.any():
             k = int(np.argmax(bad))

@@ -15,7 +15,7 @@ from ._codecs import BFLOAT16, FLOAT32, LOW_PRECISION_DTYPES
 from ._low_precision import (check_extras_for_float, check_grad_of_float32_compute,
                              rounding_key)
 from ._validation import check_no_internal_overlap, check_writeable, is_kernel_ready
-from .backends import compact_module, numpy_reference
+from .backends import compact_checks_overlap, compact_module, numpy_reference
 
 _ndarray = np.ndarray
 STATE_NAMES = ("square_avg", "momentum_buffer", "grad_avg")
@@ -128,14 +128,22 @@ def rmsprop_update_compact(param, grad, states, hyperparameters, *, param_roundi
     views = [a if a is None or type(a) is _ndarray or isinstance(a, Blockwise8)
              else a.view(_ndarray) for a in (grad, *states, master_param)]
     grad, states, master_param = views[0], tuple(views[1:4]), views[4]
+    module = compact_module(_dispatch.resolve(backend, param.size, param.dtype, coeffs.flags))
+    dense = [param, grad, master_param] + [s for s in states if isinstance(s, _ndarray)]
+    ready = all(is_kernel_ready(a) for a in dense if a is not None)
+    if ready and compact_checks_overlap(module):
+        # The C kernel compares every buffer with every other before it writes (and an overlap
+        # it finds is named through memory()); a C-contiguous array cannot overlap itself.
+        # This spares small calls the pairwise checks below, a third of their cost.
+        if param.size:
+            module.update_compact(coeffs, param, grad, *states, master_param, key)
+        return
     named = memory(param, grad, states, master_param)
     check_no_internal_overlap(**{k: v for k, v in named.items() if k != "grad"})
     check_no_overlap_named(named)
-    module = compact_module(_dispatch.resolve(backend, param.size, param.dtype, coeffs.flags))
     if param.size == 0:
         return
-    dense = [param, grad, master_param] + [s for s in states if isinstance(s, _ndarray)]
-    if module is numpy_reference or all(is_kernel_ready(a) for a in dense if a is not None):
+    if module is numpy_reference or ready:
         module.update_compact(coeffs, param, grad, *states, master_param, key)
         return
     # Strided or misaligned dense arrays: gather into contiguous copies, update, scatter back.

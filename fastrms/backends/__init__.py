@@ -128,6 +128,12 @@ def compact_module(module: ModuleType) -> ModuleType:
     raise RuntimeError(f"backend {module.__name__} has no compact-state update")
 
 
+def compact_checks_overlap(module: ModuleType) -> bool:
+    """Whether a compact module's ``update_compact`` itself refuses overlapping buffers before
+    it writes (the C kernel does; the Numba and NumPy ones rely on the caller's check)."""
+    return module is _loaded.get("c")
+
+
 def availability(name: str) -> tuple[bool, str]:
     """Whether a backend can be used, and why (without importing Numba if it is not loaded yet)."""
     check_name(name)

@@ -22,7 +22,7 @@ from .machine import CpuMeter, machine_info
 from .machine import memory_available as _memory_available  # noqa: F401  (tests/test_memory.py)
 from .tables import format_markdown, format_tables
 from .timing import DEFAULT_SIZES, DTYPES, FULL_SIZES, METHOD, run, set_threads, time_interleaved
-from .workload import VARIANTS
+from .workload import STATE_FORMATS, VARIANTS
 
 __all__ = ["CpuMeter", "DESCRIPTION", "METHOD", "OneLineErrorParser", "add_arguments",
            "format_markdown", "format_tables", "machine_info", "main", "run", "run_command",
@@ -106,6 +106,7 @@ def _choices(kind: str, allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 dtype_list = _choices("dtype", registry.ALL_DTYPES)
 variant_list = _choices("variant", tuple(VARIANTS))
 implementation_list = _choices("implementation", tuple(registry.BY_NAME))
+state_format_list = _choices("state format", STATE_FORMATS)
 
 
 def output_folder(text: str) -> Path:
@@ -128,6 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
                         metavar="VARIANT,...",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--state-formats", type=state_format_list, default=["float32"],
+                        metavar="FORMAT,...",
+                        help=f"comma-separated, of {', '.join(STATE_FORMATS)} (default: "
+                             f"float32): also time fastrms and its roofline with compact "
+                             f"optimizer state (float32, bfloat16 and float16 problems)")
     parser.add_argument("--only", type=implementation_list, default=None, metavar="NAME,...",
                         help=f"comma-separated implementations, of {', '.join(registry.BY_NAME)} "
                              f"(default: all)")
@@ -169,7 +175,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = run(sizes, args.dtypes, args.variants, args.only,
                  budget=budget, min_repeats=5 if args.full else 3,
                  min_time=5e-3 if args.full else 2e-3, threads=args.threads,
-                 progress=None if args.quiet else sys.stderr)
+                 progress=None if args.quiet else sys.stderr, state_formats=args.state_formats)
     print(format_tables(report))
     if args.markdown:
         print("\n" + format_markdown(report))

@@ -45,9 +45,14 @@ def plan_bandwidth(report: dict) -> dict:
     colors = dict(zip([n for n in names if kinds[n] != "roofline"], palette))
     lines = {}
     for name in names:
-        if kinds[name] == "roofline":
+        if kinds[name] == "roofline" and name == "roofline":
             lines[name] = {"label": "roofline (same streams, trivial arithmetic)",
                            "style": dict(_ROOFLINE_STYLE)}
+        elif kinds[name] == "roofline":  # a compact state format's: dotted, in its row's colour
+            twin = name.replace("roofline-", "fastrms-", 1)
+            lines[name] = {"label": f"{name} (its streams, trivial arithmetic)",
+                           "style": dict(_ROOFLINE_STYLE, linewidth=1.6, linestyle=(0, (1, 2)),
+                                         color=colors.get(twin, "black"))}
         elif name == AUTO:
             chosen = report.get("machine", {}).get("automatic_choice")
             lines[name] = {"label": f"{name} (chooses {chosen})" if chosen else name,

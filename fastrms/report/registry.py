@@ -11,7 +11,10 @@ nonsense arithmetic writes copies. The factories get a shallow copy of the dict,
 rebinds entries (the NumPy formula) does not disturb the others; a step that keeps state of its
 own sets ``step.reset()`` (see :class:`~fastrms.report.workload.StateGuard`).
 ``dtypes`` names the problem dtypes a row can time (None: float32 and float64 only); the
-16-bit ones (bfloat16, float16) are timed by fastrms, the roofline and torch.
+16-bit ones (bfloat16, float16) are timed by fastrms, the roofline and torch. ``state_format``
+says how a row keeps the optimizer state (``"float32"``: the shared arrays, in the problem's
+dtype; ``"bfloat16"`` / ``"blockwise8"``: compact copies of them, see issue 15), and
+:data:`ROOFLINE_OF` names the roofline row each format is measured against.
 
 The peers (torch, numexpr, optax) are :data:`fastrms.report.peers.PEERS`, listed after
 fastrms's own rows. The workload (hyperparameters, variants, streams) is
@@ -25,15 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import peers
-from .workload import (ALPHA, EPS, LR, MOMENTUM_VALUE, STREAMS, VARIANTS, bytes_moved,
-                       make_state)
+from .workload import (ALPHA, EPS, LR, MOMENTUM_VALUE, STATE_FORMATS, STREAMS, VARIANTS,
+                       bytes_moved, make_state)
 
 __all__ = ["ALPHA", "BASELINE", "BY_NAME", "EPS", "IMPLEMENTATIONS", "Implementation", "LR",
-           "MOMENTUM_VALUE", "ROOFLINE", "STREAMS", "TORCH", "VARIANTS", "bytes_moved", "get",
-           "make_state", "numpy_formula", "numpy_inplace"]
+           "MOMENTUM_VALUE", "ROOFLINE", "ROOFLINE_OF", "STATE_FORMATS", "STREAMS", "TORCH",
+           "VARIANTS", "bytes_moved", "get", "make_state", "numpy_formula", "numpy_inplace"]
 
 #: Every problem dtype the report knows.
 ALL_DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: The dtypes compact state goes with (its arithmetic is float32).
+COMPACT_DTYPES = ("float32", "bfloat16", "float16")
 #: Elements per block of the in-place NumPy version: its scratch and the slices of every
 #: stream stay in L2 while the ~12 ufunc passes run over them.
 NUMPY_BLOCK = 16384
@@ -47,6 +52,7 @@ class Implementation:
     check: Callable[[], tuple[bool, str]]
     factory: Callable[[str, dict], Callable[[], None]]
     dtypes: tuple[str, ...] | None = None
+    state_format: str = "float32"
 
     def supports(self, dtype: str) -> bool:
         return dtype in (self.dtypes or ("float32", "float64"))
@@ -168,6 +174,76 @@ def _fastrms_step(backend: str | None):
     return factory
 
 
+def _compact_copies(variant: str, state: dict, state_format: str) -> dict:
+    """The row's own state in ``state_format``, made from the shared float32 state: unsigned
+    blockwise8 for square_avg, signed for the buffers that change sign."""
+    from fastrms import Blockwise8
+    from fastrms._codecs import BFLOAT16
+
+    copies = {}
+    for name in ("square_avg", "momentum_buffer", "grad_avg"):
+        if state.get(name) is None:
+            continue
+        if state_format == "bfloat16":
+            copies[name] = state[name].astype(BFLOAT16)
+        else:
+            copies[name] = Blockwise8.from_float32(state[name], signed=name != "square_avg")
+    return copies
+
+
+def _compact_step(state_format: str):
+    def factory(variant: str, state: dict):
+        import fastrms
+
+        update = fastrms.rmsprop_update
+        p, g = state["param"], state["grad"]
+        initial = _compact_copies(variant, state, state_format)
+        own = {name: value.copy() for name, value in initial.items()}
+        s = own["square_avg"]
+        if variant == "momentum":
+            b = own["momentum_buffer"]
+
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS, momentum=MOMENTUM_VALUE,
+                       momentum_buffer=b)
+        elif variant == "centered":
+            a = own["grad_avg"]
+
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS, centered=True, grad_avg=a)
+        else:
+            def step():
+                update(p, g, s, lr=LR, alpha=ALPHA, eps=EPS)
+
+        def reset():  # with the shared state (StateGuard): the copies start over too
+            for name, value in initial.items():
+                if state_format == "bfloat16":
+                    own[name][...] = value
+                else:
+                    own[name].codes[...] = value.codes
+                    own[name].scales[...] = value.scales
+        step.reset = reset  # type: ignore[attr-defined]
+        return step
+    return factory
+
+
+def _compact_roofline(state_format: str):
+    def factory(variant: str, state: dict):
+        from fastrms._coefficients import CENTERED, MOMENTUM
+        from fastrms.backends import c_compact
+
+        flags = {"plain": 0, "momentum": MOMENTUM, "centered": CENTERED}[variant]
+        # Copies throughout: its arithmetic is no optimizer step.
+        own = _compact_copies(variant, state, state_format)
+        arrays = (state["param"].copy(), state["grad"], own["square_avg"],
+                  own.get("momentum_buffer"), own.get("grad_avg"))
+
+        def step():
+            c_compact.roofline_compact(flags, *arrays)
+        return step
+    return factory
+
+
 def _backend_check(name: str):
     def check():
         from fastrms import backends
@@ -221,12 +297,29 @@ IMPLEMENTATIONS = (
     Implementation("roofline", "roofline",
                    "the C roofline kernel: the same streams, trivial arithmetic (own copies)",
                    _backend_check("c"), _roofline_step("c"), ALL_DTYPES),
+    Implementation("fastrms-bf16-state", "fastrms",
+                   "fastrms.rmsprop_update with bfloat16 state arrays (automatic choice)",
+                   _always, _compact_step("bfloat16"), COMPACT_DTYPES, "bfloat16"),
+    Implementation("roofline-bf16-state", "roofline",
+                   "the C roofline kernel over bfloat16 state (own copies)",
+                   _backend_check("c"), _compact_roofline("bfloat16"), COMPACT_DTYPES,
+                   "bfloat16"),
+    Implementation("fastrms-blockwise8", "fastrms",
+                   "fastrms.rmsprop_update with fastrms.Blockwise8 state (automatic choice)",
+                   _always, _compact_step("blockwise8"), COMPACT_DTYPES, "blockwise8"),
+    Implementation("roofline-blockwise8", "roofline",
+                   "the C roofline kernel over fastrms.Blockwise8 state (own copies)",
+                   _backend_check("c"), _compact_roofline("blockwise8"), COMPACT_DTYPES,
+                   "blockwise8"),
     *(Implementation(peer.name, "peer", peer.description, peer.check, peer.factory,
                      ALL_DTYPES if peer.name in peers.SIXTEEN_BIT_PEERS else None)
       for peer in peers.PEERS),
 )
 BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
 BASELINE, ROOFLINE, TORCH = "numpy-formula", "roofline", "torch-foreach"
+#: state format -> the roofline row its rows' "of roof" figure is measured against.
+ROOFLINE_OF = {"float32": ROOFLINE, "bfloat16": "roofline-bf16-state",
+               "blockwise8": "roofline-blockwise8"}
 
 
 def get(name: str) -> Implementation:

@@ -35,8 +35,9 @@ def format_tables(report: dict) -> str:
              f"{report['machine']['cores_usable']} cores, SIMD {report['machine']['simd_level']}, "
              f"threads {report['machine']['threads']}",
              f"Method: {report['method']}",
-             "GB/s = bytes moved (streams x itemsize x n) / median; 'of roof' = roofline median / "
-             "median; 'vs numpy' and 'vs torch' = speedup over numpy-formula and torch-foreach."]
+             "GB/s = bytes moved (streams x itemsize x n, the state in the row's format) / median; "
+             "'of roof' = median of the roofline with the row's state format / median; "
+             "'vs numpy' and 'vs torch' = speedup over numpy-formula and torch-foreach."]
     for impl in absent:
         lines.append(f"absent: {impl['name']} ({impl['reason']})")
     others = report.get("others_busy_cores")

@@ -27,7 +27,7 @@ from numpy.typing import DTypeLike
 
 from . import machine, registry
 from .machine import CpuMeter
-from .registry import BASELINE, ROOFLINE, TORCH
+from .registry import BASELINE, TORCH
 from .tables import size_label
 from .workload import (ALPHA, EPS, LR, MOMENTUM_VALUE, STREAMS, VARIANTS, StateGuard,
                        bytes_moved, make_state)
@@ -106,13 +106,18 @@ def time_interleaved(steps: dict, *, min_time: float, budget: float, min_repeats
 def run(sizes: Sequence[int] = DEFAULT_SIZES, dtypes: Sequence[DTypeLike] = DTYPES,
         variants: Sequence[str] = tuple(VARIANTS), names: Sequence[str] | None = None, *,
         min_time: float = 2e-3, budget: float = 0.7, min_repeats: int = 3, max_repeats: int = 21,
-        threads: int | None = None, progress: TextIO | None = sys.stderr) -> dict:
+        threads: int | None = None, progress: TextIO | None = sys.stderr,
+        state_formats: Sequence[str] = ("float32",)) -> dict:
     """Time every implementation (or those in ``names``) and return the report as a dict.
 
     ``threads`` sets the thread count of fastrms, torch, numexpr (jax keeps XLA's own);
-    ``progress`` (a text stream, or None) gets one line per (dtype, variant, size).
+    ``progress`` (a text stream, or None) gets one line per (dtype, variant, size);
+    ``state_formats``: the rows of which state formats to time (``"float32"``, the plain
+    rows; ``"bfloat16"``, ``"blockwise8"``: fastrms and its roofline with compact state),
+    when ``names`` does not say.
     """
-    chosen = registry.IMPLEMENTATIONS if names is None else [registry.get(n) for n in names]
+    chosen = ([impl for impl in registry.IMPLEMENTATIONS if impl.state_format in state_formats]
+              if names is None else [registry.get(n) for n in names])
     implementations, usable = [], []
     for impl in chosen:
         available, reason = impl.availability()
@@ -191,9 +196,11 @@ def _run_cell(usable, dtype, variant, n, **timing) -> list[dict]:
     del steps, state
     gc.collect()
     by_name = {row["name"]: row for row in rows if "median_s" in row}
-    roof, base, torch = (by_name.get(k, {}).get("median_s") for k in (ROOFLINE, BASELINE, TORCH))
+    base, torch = (by_name.get(k, {}).get("median_s") for k in (BASELINE, TORCH))
     for row in by_name.values():
         t = row["median_s"]
+        # Each row against the roofline that moves its streams (its state format's).
+        roof = by_name.get(registry.ROOFLINE_OF[row["state_format"]], {}).get("median_s")
         row["gb_per_s"] = row["bytes"] / t / 1e9
         row["fraction_of_roofline"] = roof / t if roof else None
         row["speedup_vs_numpy_formula"] = base / t if base else None
@@ -211,8 +218,10 @@ def _memory_needed(variant: str, dtype, n: int) -> int:
 
 
 def _row(name, dtype, variant, n, **fields) -> dict:
+    state_format = registry.get(name).state_format
     return {"name": name, "dtype": dtype, "variant": variant, "n": n,
-            "bytes": bytes_moved(variant, dtype, n), **fields}
+            "state_format": state_format, "bytes": bytes_moved(variant, dtype, n, state_format),
+            **fields}
 
 
 def set_threads(n: int) -> None:

@@ -6,6 +6,10 @@ gradient; :func:`make_state` draws it and :class:`StateGuard` keeps it valid (se
 
 A 16-bit problem (bfloat16, float16) has 16-bit param and grad and float32 state, as
 :func:`fastrms.rmsprop_update` takes them: 14 bytes per element for the plain variant.
+
+A row may keep its state in a compact format (:data:`STATE_FORMATS`): bfloat16 arrays, or
+:class:`fastrms.Blockwise8` buffers (one byte per element and a float32 scale per 256), made
+from the shared float32 state; the bytes it moves are counted in that format.
 """
 from __future__ import annotations
 
@@ -21,16 +25,23 @@ VARIANTS: dict[str, dict] = {"plain": {}, "momentum": {"momentum": MOMENTUM_VALU
 #: Streams read + written per element: plain reads p, g, s and writes p, s; momentum and
 #: centered add one buffer each, read and written.
 STREAMS: dict[str, int] = {"plain": 5, "momentum": 7, "centered": 7}
+#: The state formats a row can keep, and the bytes one element of one state stream takes.
+STATE_FORMATS = ("float32", "bfloat16", "blockwise8")
+_STATE_BYTES = {"bfloat16": 2, "blockwise8": 1 + 4 / 256}
 #: Steps of the centered variant on one state before it must be restored (see StateGuard).
 CENTERED_STEPS_BETWEEN_RESETS = 1000
 
 
-def bytes_moved(variant: str, dtype: DTypeLike, n: int) -> int:
+def bytes_moved(variant: str, dtype: DTypeLike, n: int, state_format: str = "float32"):
     """Bytes one step must move at least: streams x itemsize x n (a 16-bit problem: three
-    16-bit streams, read p and g, write p, and the float32 state's)."""
+    16-bit streams, read p and g, write p, and the float32 state's; a compact state format:
+    its bytes per state element; a float for blockwise8, whose scales are 1/64 byte each)."""
     dtype = np.dtype(dtype)
+    state = STREAMS[variant] - 3  # each state buffer is read and written
+    if state_format != "float32":
+        return int(3 * dtype.itemsize * n + round(state * _STATE_BYTES[state_format] * n))
     if dtype in LOW_PRECISION_DTYPES:
-        return (3 * 2 + (STREAMS[variant] - 3) * 4) * n
+        return (3 * 2 + state * 4) * n
     return STREAMS[variant] * dtype.itemsize * n
 
 
