@@ -277,6 +277,17 @@ def _always() -> tuple[bool, str]:
     return True, "NumPy"
 
 
+def _compact_rows(state_format: str, tag: str, state: str) -> tuple:
+    """fastrms with compact state of one format, and the roofline moving its streams."""
+    return (Implementation(f"fastrms-{tag}", "fastrms",
+                           f"fastrms.rmsprop_update with {state} (automatic choice)", _always,
+                           _compact_step(state_format), COMPACT_DTYPES, state_format),
+            Implementation(f"roofline-{tag}", "roofline",
+                           f"the C roofline kernel over {state} (own copies)",
+                           _backend_check("c"), _compact_roofline(state_format), COMPACT_DTYPES,
+                           state_format))
+
+
 #: The registry, in the order the tables list it. The report's speedup columns are relative to
 #: ``numpy-formula`` and ``torch-foreach``; its roofline column to ``roofline``.
 IMPLEMENTATIONS = (
@@ -297,20 +308,8 @@ IMPLEMENTATIONS = (
     Implementation("roofline", "roofline",
                    "the C roofline kernel: the same streams, trivial arithmetic (own copies)",
                    _backend_check("c"), _roofline_step("c"), ALL_DTYPES),
-    Implementation("fastrms-bf16-state", "fastrms",
-                   "fastrms.rmsprop_update with bfloat16 state arrays (automatic choice)",
-                   _always, _compact_step("bfloat16"), COMPACT_DTYPES, "bfloat16"),
-    Implementation("roofline-bf16-state", "roofline",
-                   "the C roofline kernel over bfloat16 state (own copies)",
-                   _backend_check("c"), _compact_roofline("bfloat16"), COMPACT_DTYPES,
-                   "bfloat16"),
-    Implementation("fastrms-blockwise8", "fastrms",
-                   "fastrms.rmsprop_update with fastrms.Blockwise8 state (automatic choice)",
-                   _always, _compact_step("blockwise8"), COMPACT_DTYPES, "blockwise8"),
-    Implementation("roofline-blockwise8", "roofline",
-                   "the C roofline kernel over fastrms.Blockwise8 state (own copies)",
-                   _backend_check("c"), _compact_roofline("blockwise8"), COMPACT_DTYPES,
-                   "blockwise8"),
+    *_compact_rows("bfloat16", "bf16-state", "bfloat16 state arrays"),
+    *_compact_rows("blockwise8", "blockwise8", "fastrms.Blockwise8 state"),
     *(Implementation(peer.name, "peer", peer.description, peer.check, peer.factory,
                      ALL_DTYPES if peer.name in peers.SIXTEEN_BIT_PEERS else None)
       for peer in peers.PEERS),
