@@ -11,6 +11,7 @@ from .. import _dispatch
 from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
+from .compact import DEFAULT_STATE_FORMAT, STATE_FORMAT
 from .hyperparameters import HYPERPARAMETERS, group_coefficients
 from .interrupts import deliver_interrupts, hold_interrupts
 from .precision import MASTER, check_master_has_targets, check_precision_options
@@ -79,6 +80,12 @@ class Engine:
             if not buckets:
                 continue
             group = groups[g]
+            state_format = group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+            if state_format is not buckets[0].state_format and \
+                    state_format != buckets[0].state_format:
+                raise ValueError(f"param_groups[{g}]['state_format'] is {state_format!r} but "
+                                 f"the group's state is {buckets[0].state_format!r}; the state "
+                                 f"format is fixed when the optimizer is built")
             precision = check_precision_options(group, f"param_groups[{g}]")
             if precision[2]:
                 check_master_has_targets(group, [b.dtype for b in buckets], f"param_groups[{g}]")
