@@ -104,7 +104,10 @@ def run_compact(bucket, coeffs, module, grads) -> None:
     stochastic = bucket.low_precision and bucket.precision[0] == "stochastic"
     flat, state = bucket.flat, bucket.state
     if (flat["param"] is not None and bucket.chosen is None and not stochastic
-            and bucket.state_format == "bfloat16"):
+            and flat["square_avg"] is not None
+            and (flat["momentum_buffer"] is not None or not momentum)
+            and (flat["grad_avg"] is not None or not centered)
+            and (flat[MASTER] is not None or state[MASTER] is None)):
         update(coeffs, flat["param"], flat["grad"], flat["square_avg"],
                flat["momentum_buffer"] if momentum else None,
                flat["grad_avg"] if centered else None, flat[MASTER], None)
