@@ -425,3 +425,31 @@ def test_loading_turns_momentum_on_with_a_compact_buffer():
     assert "momentum_buffer" not in opt.state[0]
     opt.load_state_dict(source.state_dict())
     assert same(opt.state[0]["momentum_buffer"], source.state[0]["momentum_buffer"])
+
+
+def test_a_diverged_block_is_refused_before_any_write():
+    params = [np.ones(300, F32), np.ones(40, F32)]
+    opt = fastrms.RMSprop(params, momentum=0.9, state_format="blockwise8")
+    opt.step([np.ones(300, F32), np.ones(40, F32)])
+    opt.state[1]["momentum_buffer"].scales[0] = np.nan
+    before = [p.copy() for p in params]
+    codes = opt.state[0]["square_avg"].codes.copy()
+    with pytest.raises(ValueError, match="momentum_buffer of parameter 1 has scale nan in "
+                                         "block 0: its values diverged"):
+        opt.step([np.ones(300, F32), np.ones(40, F32)])
+    assert all(same(p, q) for p, q in zip(params, before))
+    assert same(opt.state[0]["square_avg"].codes, codes) and opt.state[0]["step"] == 1
+
+
+def test_the_docs_example_runs():
+    """The doctest of docs/compact-state.md's section "In the optimizers"."""
+    import doctest
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compact-state.md").read_text()
+    section = text.split("## In the optimizers", 1)[1].split("\n## ", 1)[0]
+    test = doctest.DocTestParser().get_doctest(section, {}, "compact-state.md", None, 0)
+    assert test.examples
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.failures == 0

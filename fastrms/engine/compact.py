@@ -96,6 +96,25 @@ def copy_state(state):
     return state.copy()
 
 
+def check_not_diverged(bucket) -> None:
+    """``ValueError`` when a chosen parameter's blockwise8 buffer holds a NaN scale (a block
+    whose values diverged: :func:`fastrms.rmsprop_update` refuses it too). Run before the
+    step's first write."""
+    chosen = range(bucket.count) if bucket.chosen is None else bucket.chosen
+    for name, states in bucket.state.items():
+        if states is None or name == MASTER:
+            continue
+        for k in chosen:
+            state = states[k]
+            if isinstance(state, Blockwise8) and not np.isfinite(state.scales).all():
+                block = int(np.argmax(~np.isfinite(state.scales)))
+                raise ValueError(f"param_groups[{bucket.group}]: the blockwise8 {name} of "
+                                 f"parameter {bucket.ids[k]} has scale {state.scales[block]} "
+                                 f"in block {block}: its values diverged (8-bit state and "
+                                 f"centered=True: see docs/compact-state.md); nothing was "
+                                 f"written")
+
+
 def run_compact(bucket, coeffs, module, grads) -> None:
     """One step of a compact bucket's chosen parameters: ``grads`` are the chosen parameters'
     gradient arrays (read from the flat gradient buffer in the flat layout)."""

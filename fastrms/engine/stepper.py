@@ -11,7 +11,7 @@ from .. import _dispatch
 from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
-from .compact import DEFAULT_STATE_FORMAT, STATE_FORMAT
+from .compact import DEFAULT_STATE_FORMAT, STATE_FORMAT, check_not_diverged
 from .hyperparameters import HYPERPARAMETERS, group_coefficients
 from .interrupts import deliver_interrupts, hold_interrupts
 from .precision import MASTER, check_master_has_targets, check_precision_options
@@ -54,6 +54,8 @@ class Engine:
         self.refresh_regions()
         self._last_values: list = [None] * group_count
         self._last_coefficients: list = [None] * group_count
+        #: Whether a bucket has compact state (checked for diverged blocks before a step).
+        self._compact = any(bucket.compact for bucket in buckets)
 
     def refresh_regions(self) -> WrittenRegions:
         """Rebuild the written regions (after a state buffer was allocated or replaced)."""
@@ -154,6 +156,10 @@ class Engine:
         every bucket, count the step, and return True."""
         if skip_nonfinite and not self.all_finite(jobs):
             return False
+        if self._compact:
+            for job in jobs:
+                if job[0].compact:
+                    check_not_diverged(job[0])
         self.switch_on(jobs)
         held = hold_interrupts()  # a Ctrl-C lands before the first write or after the count
         try:
