@@ -12,6 +12,8 @@ import io
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -271,8 +273,7 @@ def _assert_unchanged(opt, params, snapshot):
     for p, state in zip(params, states):
         assert opt.state[p].keys() == state.keys()
         for key, value in state.items():
-            assert opt.state[p][key].dtype == value.dtype and torch.equal(opt.state[p][key],
-                                                                          value)
+            assert same(memory(opt.state[p][key]), memory(value)), key
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
 
 
@@ -357,3 +358,53 @@ def test_bad_options_name_the_argument():
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64,
                                                     requires_grad=True)]})
     assert len(opt.param_groups) == 1
+
+
+def test_a_diverged_block_is_refused_before_any_write():
+    params = make_params()
+    opt = fastrms_torch.RMSprop(params, lr=0.01, momentum=0.9, state_format="blockwise8")
+    gen = torch.Generator().manual_seed(13)
+    _train(params, opt, gen, 1)
+    opt.state[params[2]]["momentum_buffer_scales"][0] = float("nan")
+    snapshot = _snapshot(opt, params)
+    set_grads(params, gen)
+    with pytest.raises(ValueError, match="momentum_buffer of parameter 2 has scale nan"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("state_format", FORMATS)
+def test_deepcopy_and_replaced_state_tensors(state_format):
+    params = make_params()
+    opt = fastrms_torch.RMSprop(params, lr=0.01, momentum=0.9, state_format=state_format)
+    _train(params, opt, torch.Generator().manual_seed(14), 1)
+    twin_params = copy.deepcopy(params)
+    twin = fastrms_torch.RMSprop(twin_params, lr=0.01, momentum=0.9,
+                                 state_format=state_format)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    # Code that replaces a state tensor by an equal one (another object) is followed.
+    key = "square_avg" if state_format == "bfloat16" else "square_avg_codes"
+    twin.state[twin_params[0]][key] = twin.state[twin_params[0]][key].clone()
+    _train(params, opt, torch.Generator().manual_seed(15), 2)
+    _train(twin_params, twin, torch.Generator().manual_seed(15), 2)
+    for p, q in zip(params, twin_params):
+        assert same(memory(p), memory(q))
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.integers(1, 600), min_size=1, max_size=3),
+       state_format=st.sampled_from(FORMATS), backend=st.sampled_from(BACKENDS),
+       flatten=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_property_any_sizes(sizes, state_format, backend, flatten, seed):
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
+    options = dict(lr=0.01, momentum=0.5, centered=state_format == "bfloat16")
+    opt = fastrms_torch.RMSprop(params, backend=backend, flatten=flatten,
+                                state_format=state_format, **options)
+    oracle = Oracle(params, state_format, options)
+    for _ in range(2):
+        set_grads(params, gen)
+        opt.step()
+        oracle.step(params)
+    oracle.check(params, opt, state_format)
