@@ -204,10 +204,10 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
         ours_format = opt.param_groups[g].get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
         saved_format = saved.get(STATE_FORMAT, DEFAULT_STATE_FORMAT) \
             if isinstance(saved, Mapping) else None
-        if STATE_FORMAT in keys or STATE_FORMAT not in saved:
-            _exact_keys(saved, keys + ("params",), where)
-        else:  # a compact checkpoint into a float32 optimizer: say so below
-            _exact_keys(saved, keys + ("params", STATE_FORMAT), where)
+        # state_format may be absent (float32) or present whatever ours is: a mismatch is
+        # named below rather than as a missing or unexpected key.
+        _exact_keys(saved, tuple(k for k in keys if k != STATE_FORMAT) + ("params",)
+                    + ((STATE_FORMAT,) if STATE_FORMAT in saved else ()), where)
         saved_format = check_state_format(saved_format, where)
         if saved_format != ours_format:
             raise ValueError(f"{where} has state_format {saved_format!r} but this optimizer's "

@@ -398,7 +398,9 @@ def test_a_state_format_mismatch_is_refused(pair):
     _, source = _trained(saved_format)
     _, opt = _trained(our_format)
     before = opt.state_dict()
-    with pytest.raises(ValueError, match="state_format"):
+    with pytest.raises(ValueError, match=rf"\['param_groups'\]\[0\] has state_format "
+                                         rf"'{saved_format}' but this optimizer's group 0 has "
+                                         rf"state_format '{our_format}'"):
         opt.load_state_dict(source.state_dict())
     assert_same_dicts(opt.state_dict(), before)
 
