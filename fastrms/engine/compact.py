@@ -91,11 +91,6 @@ def state_arrays(state) -> list:
     return [state]
 
 
-def copy_state(state):
-    """A copy of one parameter's state buffer, as it is."""
-    return state.copy()
-
-
 def check_not_diverged(bucket) -> None:
     """``ValueError`` when a chosen parameter's blockwise8 buffer holds a NaN scale (a block
     whose values diverged: :func:`fastrms.rmsprop_update` refuses it too). Run before the
