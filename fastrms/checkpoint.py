@@ -14,7 +14,11 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from ._blockwise import BLOCK, Blockwise8, block_count
+from ._codecs import BFLOAT16
 from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
+from .engine.compact import (CODES, DEFAULT_STATE_FORMAT, SCALES, STATE_FORMAT,
+                             check_state_format)
 from .engine.precision import (MASTER, PRECISION_OPTIONS, check_master_has_targets,
                                check_precision_options)
 
@@ -22,6 +26,7 @@ _GROUP_KEYS = HYPERPARAMETERS + PRECISION_OPTIONS
 _STATE_NAMES = STATE_BUFFERS + (MASTER,)
 _STATE_KEYS = frozenset(("step",) + STATE_BUFFERS)
 _ENTRY_KEYS = _STATE_KEYS | {MASTER}
+_VOID2 = np.dtype("V2")
 #: Steps are saved as int64.
 _STEP_LIMIT = 2 ** 63
 
@@ -29,10 +34,15 @@ _STEP_LIMIT = 2 ** 63
 def group_keys(opt) -> tuple:
     """The keys of every saved group: the 16-bit options too when the optimizer holds a float16
     / bfloat16 parameter (a float32 / float64 optimizer's checkpoints keep the layout they had
-    before those options, the sharded optimizer's)."""
+    before those options, the sharded optimizer's), and ``state_format`` when a group has
+    compact state."""
+    keys = HYPERPARAMETERS
     if any(bucket.low_precision for bucket in opt._engine.buckets):
-        return _GROUP_KEYS
-    return HYPERPARAMETERS
+        keys = _GROUP_KEYS
+    if any(group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT) != DEFAULT_STATE_FORMAT
+           for group in opt.param_groups):
+        keys = keys + (STATE_FORMAT,)
+    return keys
 
 
 def state_dict(opt) -> dict:
@@ -45,6 +55,8 @@ def state_dict(opt) -> dict:
             value = group[key]
             if key == "lr" and callable(value):
                 entry[key] = None
+            elif key == STATE_FORMAT:
+                entry[key] = str(value)
             elif key in PRECISION_OPTIONS:  # checked at every step: a str, an int, a bool
                 entry[key] = value if isinstance(value, str) else \
                     (bool(value) if key == "master_weights" else int(value))
@@ -58,7 +70,12 @@ def state_dict(opt) -> dict:
             entry = {"step": int(bucket.step_count(pos))}
             for name in _STATE_NAMES:
                 arrays = bucket.state[name]
-                if arrays is not None:
+                if arrays is None:
+                    continue
+                if isinstance(arrays[pos], Blockwise8):  # saved as it is: codes and scales
+                    entry[name + CODES] = arrays[pos].codes.copy()
+                    entry[name + SCALES] = arrays[pos].scales.copy()
+                else:
                     entry[name] = arrays[pos].copy()
             state[i] = entry
     return {"state": dict(sorted(state.items())), "param_groups": groups}
@@ -86,6 +103,7 @@ def load_state_dict(opt, saved: Mapping) -> None:
 
     buckets = opt._engine.buckets
     own_buffers = [a for bucket in buckets for a in bucket.flat.values() if a is not None]
+    own_buffers += [a for bucket in buckets if bucket.compact for a in bucket.written()]
     group_step: dict[int, tuple[int, int]] = {}
     new_buffers = []  # per bucket: name -> list of arrays (or None)
     for bucket, indices in zip(buckets, opt._bucket_indices):
@@ -95,17 +113,22 @@ def load_state_dict(opt, saved: Mapping) -> None:
         master = bucket.low_precision and hyper["master_weights"]  # its optimizer saves it
         arrays = {name: [] for name in _STATE_NAMES}
         present: dict[str, bool] = {}
+        blockwise = bucket.state_format == "blockwise8"
         for pos, i in enumerate(indices):
             where = f"state_dict['state'][{saved_id_of[i]}]"
             entry = entry_of[i]
             if not isinstance(entry, Mapping):
                 raise TypeError(f"{where} must be a mapping, got {type(entry).__name__}")
+            if blockwise:
+                entry = _joined_blockwise(entry, where)
             unknown = set(entry) - _ENTRY_KEYS
             if unknown:
-                raise ValueError(f"{where} has unexpected keys {sorted(map(repr, unknown))}")
+                raise ValueError(f"{where} has unexpected keys {sorted(map(repr, unknown))} "
+                                 f"for state_format {bucket.state_format!r}")
             for name in ("step", "square_avg"):
                 if name not in entry:
-                    raise ValueError(f"{where} is missing {name!r}")
+                    raise ValueError(f"{where} is missing "
+                                     f"{_saved_names(name, blockwise and name != 'step')}")
             step = _check_step(entry["step"], where)
             first = group_step.setdefault(bucket.group, (step, i))
             if first[0] != step:
@@ -125,10 +148,16 @@ def load_state_dict(opt, saved: Mapping) -> None:
                                  f"parameter is {bucket.dtype}")
             param = bucket.params[pos]
             for name in _STATE_NAMES:
-                if name in entry:
-                    arrays[name].append(_check_state_array(entry[name], param,
-                                                           bucket.state_dtype,
-                                                           f"{where}[{name!r}]", own_buffers))
+                if name not in entry:
+                    continue
+                if blockwise and name != MASTER:
+                    arrays[name].append(_check_blockwise_entry(entry[name], name, param, where,
+                                                               own_buffers))
+                    continue
+                dtype = BFLOAT16 if bucket.state_format == "bfloat16" and name != MASTER \
+                    else bucket.state_dtype
+                arrays[name].append(_check_state_array(entry[name], param, dtype,
+                                                       f"{where}[{name!r}]", own_buffers))
         new_buffers.append({name: (arrays[name] or None) for name in _STATE_NAMES})
 
     # Everything fits: write.
@@ -146,7 +175,11 @@ def load_state_dict(opt, saved: Mapping) -> None:
         for name in _STATE_NAMES:
             if buffers[name] is not None:
                 for view, array in zip(bucket.state[name], buffers[name]):
-                    np.copyto(view, array)
+                    if isinstance(view, Blockwise8):
+                        np.copyto(view.codes, array[0])
+                        np.copyto(view.scales, array[1])
+                    else:
+                        np.copyto(view, array)
         step = group_step[bucket.group][0]
         for slot in bucket.slots:
             bucket.counts.set(slot, step)
@@ -168,7 +201,18 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
         where = f"state_dict['param_groups'][{g}]"
         if not isinstance(saved, Mapping):
             raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}")
-        _exact_keys(saved, keys + ("params",), where)
+        ours_format = opt.param_groups[g].get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+        saved_format = saved.get(STATE_FORMAT, DEFAULT_STATE_FORMAT) \
+            if isinstance(saved, Mapping) else None
+        # state_format may be absent (float32) or present whatever ours is: a mismatch is
+        # named below rather than as a missing or unexpected key.
+        _exact_keys(saved, tuple(k for k in keys if k != STATE_FORMAT) + ("params",)
+                    + ((STATE_FORMAT,) if STATE_FORMAT in saved else ()), where)
+        saved_format = check_state_format(saved_format, where)
+        if saved_format != ours_format:
+            raise ValueError(f"{where} has state_format {saved_format!r} but this optimizer's "
+                             f"group {g} has state_format {ours_format!r}; build the optimizer "
+                             f"with state_format={saved_format!r} to load this checkpoint")
         ids = saved["params"]
         if not isinstance(ids, (list, tuple)):
             raise TypeError(f"{where}['params'] must be a list of parameter ids")
@@ -182,7 +226,7 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
             if int(saved_id) in index_of:
                 raise ValueError(f"parameter id {saved_id} appears twice in state_dict")
             index_of[int(saved_id)] = i
-        hyper = {key: saved[key] for key in keys}
+        hyper = {key: saved[key] for key in keys if key != STATE_FORMAT}
         if hyper["lr"] is None:
             hyper["lr"] = opt.param_groups[g]["lr"]
         check_hyperparameters(hyper, where)
@@ -190,6 +234,64 @@ def _checked_groups(opt, saved_groups) -> tuple[list[dict], dict[int, int]]:
         check_master_has_targets(hyper, [p.dtype for p in opt.param_groups[g]["params"]], where)
         new_hyper.append(hyper)
     return new_hyper, index_of
+
+
+def _saved_names(name: str, blockwise: bool) -> str:
+    return f"{name + CODES!r} and {name + SCALES!r}" if blockwise else repr(name)
+
+
+def _joined_blockwise(entry: Mapping, where: str) -> dict:
+    """A blockwise8 entry with each ``name_codes`` / ``name_scales`` pair as one ``name`` key
+    holding ``(codes, scales)``; a pair with one half missing is an error."""
+    out = {}
+    for key, value in entry.items():
+        for name in STATE_BUFFERS:
+            if key in (name + CODES, name + SCALES):
+                other = name + (SCALES if key.endswith(CODES) else CODES)
+                if other not in entry:
+                    raise ValueError(f"{where} has {key!r} but not {other!r}; a blockwise8 "
+                                     f"buffer is saved as both")
+                out[name] = (entry[name + CODES], entry[name + SCALES])
+                break
+        else:
+            if key in STATE_BUFFERS:
+                raise ValueError(f"{where}[{key!r}] is a dense state array, but this "
+                                 f"optimizer's state_format is 'blockwise8' (saved as "
+                                 f"{key + CODES!r} and {key + SCALES!r})")
+            out[key] = value
+    return out
+
+
+def _check_blockwise_entry(pair, name: str, param, where: str, own_buffers: list):
+    """(codes, scales) of one saved blockwise8 buffer, checked against its parameter."""
+    codes, scales = pair
+    n = param.size
+    for part, array, dtype, size in ((CODES, codes, np.uint8, n),
+                                     (SCALES, scales, np.float32, block_count(n))):
+        label = f"{where}[{name + part!r}]"
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{label} must be a numpy.ndarray, got {type(array).__name__}")
+        if array.dtype != dtype or array.ndim != 1:
+            raise TypeError(f"{label} must be a 1-D {np.dtype(dtype)} array, got a "
+                            f"{array.ndim}-D {array.dtype} array")
+        if array.size != size:
+            if part == CODES:
+                raise ValueError(f"{label} has {array.size} codes but its parameter has {n} "
+                                 f"elements")
+            raise ValueError(f"{label} has {array.size} scales but blockwise8 keeps one per "
+                             f"block of {BLOCK} elements: {size} for {n} elements (a "
+                             f"checkpoint of another block size does not fit)")
+    bad = ~(scales >= 0) | ~np.isfinite(scales)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(f"{where}[{name + SCALES!r}][{k}] is {scales[k]}: scales must be "
+                         f"finite and >= 0")
+    out = []
+    for array in (codes, scales):
+        if any(np.may_share_memory(array, buffer) for buffer in own_buffers):
+            array = array.copy()
+        out.append(array)
+    return tuple(out)
 
 
 def _as_builtin(value, where: str):
@@ -307,6 +409,8 @@ def state_dict_from_arrays(arrays: Mapping) -> dict:
                              f"'param_groups/<index>/<key>'")
         section, index, key = parts[0], int(parts[1]), parts[2]
         value = np.asarray(arrays[name])
+        if section == "state" and value.dtype == _VOID2:
+            value = value.view(BFLOAT16)  # np.savez writes bfloat16 as 2-byte void
         if section == "state":
             if key == "step" and value.ndim == 0:
                 value = value.item()

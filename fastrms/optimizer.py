@@ -14,17 +14,20 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _dispatch, checkpoint, presets
+from ._blockwise import Blockwise8
 from ._coefficients import check_real
 from ._validation import check_no_internal_overlap, check_param
 from .checkpoint import state_dict_from_arrays, state_dict_to_arrays
 from .engine import (HYPERPARAMETERS, STATE_BUFFERS, ArrayGradients, Bucket, Engine, StepCounts,
                      check_hyperparameters, check_params_disjoint)
+from .engine.compact import (DEFAULT_STATE_FORMAT, STATE_FORMAT, check_format_fits,
+                             check_state_format, group_state_format)
 from .engine.precision import (MASTER, PRECISION_DEFAULTS, PRECISION_OPTIONS,
                                check_master_has_targets, check_precision_options)
 from .flat import PARAM_DTYPES, FlatParams
 
 #: Every key of a parameter group besides "params", in state_dict order.
-GROUP_KEYS = HYPERPARAMETERS + PRECISION_OPTIONS
+GROUP_KEYS = HYPERPARAMETERS + PRECISION_OPTIONS + (STATE_FORMAT,)
 _STATE_NAMES = STATE_BUFFERS + (MASTER,)
 
 __all__ = ["GROUP_KEYS", "HYPERPARAMETERS", "RMSprop", "state_dict_from_arrays", "state_dict_to_arrays"]
@@ -99,6 +102,16 @@ class RMSprop:
     its group and nearest rounding. float32 / float64 parameters are written exactly whatever
     these options say.
 
+    ``state_format`` (a group option, saved in the state dict) stores the state compactly:
+    ``"float32"`` (the default), ``"bfloat16"`` (bfloat16 arrays, rounded to nearest even) or
+    ``"blockwise8"`` (one :class:`fastrms.Blockwise8` per parameter and buffer: uint8 codes,
+    unsigned for ``square_avg`` and signed for ``momentum_buffer`` / ``grad_avg``, one float32
+    scale per 256 elements). Each step decodes, updates in float32 and re-encodes in one pass,
+    the bits of :func:`fastrms.rmsprop_update` on the same state; it goes with float32 and
+    16-bit parameters (master weights stay float32) and every option, not with float64
+    parameters. A blockwise8 buffer ``name`` is saved as ``name_codes`` and ``name_scales``
+    (exact resume); the format is fixed at construction. docs/compact-state.md has the details.
+
     Example:
         >>> import numpy as np, fastrms
         >>> w, b = np.ones((3, 2), np.float32), np.zeros(2, np.float32)
@@ -120,6 +133,11 @@ class RMSprop:
         True
         >>> low.state_dict()["param_groups"][0]["seed"]
         7
+        >>> small = fastrms.RMSprop([np.ones(300, np.float32)], state_format="blockwise8")
+        >>> small.step([np.full(300, 0.5, np.float32)])
+        True
+        >>> sorted(small.state_dict()["state"][0])
+        ['square_avg_codes', 'square_avg_scales', 'step']
     """
 
     def __init__(self, params, lr=_DEFAULT, alpha=_DEFAULT, eps=_DEFAULT, weight_decay=_DEFAULT,
@@ -127,7 +145,7 @@ class RMSprop:
                  eps_in_sqrt=_DEFAULT, lr_in_momentum=_DEFAULT, nesterov=_DEFAULT,
                  decoupled_weight_decay=_DEFAULT, initial_square_avg=_DEFAULT, preset=None,
                  backend=None, skip_nonfinite=False, param_rounding="nearest", seed=0,
-                 master_weights=False):
+                 master_weights=False, state_format=DEFAULT_STATE_FORMAT):
         preset_row = presets.get(preset)
         given = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                      centered=centered, maximize=maximize, eps_in_sqrt=eps_in_sqrt,
@@ -136,8 +154,10 @@ class RMSprop:
                      initial_square_avg=initial_square_avg)
         defaults = preset_row.defaults()
         defaults.update((k, v) for k, v in given.items() if v is not _DEFAULT)
-        defaults.update(param_rounding=param_rounding, seed=seed, master_weights=master_weights)
+        defaults.update(param_rounding=param_rounding, seed=seed, master_weights=master_weights,
+                        state_format=state_format)
         check_precision_options(defaults, "RMSprop")
+        check_state_format(state_format, "RMSprop")
         #: The defaults every group starts from (the preset's, then the explicit arguments).
         self.defaults = defaults
         #: The preset in force ("torch" when none was named).
@@ -163,6 +183,8 @@ class RMSprop:
                                for p in group["params"]]
             check_master_has_targets(group, [p.dtype for p in group["params"]],
                                      f"param_groups[{g}]")
+            check_format_fits(group[STATE_FORMAT], [p.dtype for p in group["params"]],
+                              f"param_groups[{g}]")
             all_params.extend(group["params"])
             self.param_groups.append(group)
         if not all_params:
@@ -195,7 +217,7 @@ class RMSprop:
                                 [counts.new_slot() for _ in members],
                                 flat.param_buffers[dtype] if flat is not None else None,
                                 flat.grad_buffers[dtype] if flat is not None else None,
-                                ids=members)
+                                ids=members, state_format=group[STATE_FORMAT])
                 bucket.allocate_initial(group, self._always_momentum)
                 buckets.append(bucket)
                 self._bucket_indices.append(members)
@@ -222,7 +244,9 @@ class RMSprop:
                     return f"parameter {i}"
         for bucket in self._engine.buckets:
             for name, arrays in bucket.state.items():
-                if arrays is not None and any(a is array for a in arrays):
+                if arrays is not None and any(a is array or getattr(a, "codes", None) is array
+                                              or getattr(a, "scales", None) is array
+                                              for a in arrays):
                     return f"the optimizer's {name} buffer (group {bucket.group}, {bucket.dtype})"
         return "memory the optimizer writes"  # pragma: no cover
 
@@ -284,16 +308,21 @@ class RMSprop:
                 for name in _STATE_NAMES:
                     arrays = bucket.state[name]
                     if arrays is not None:
-                        entry[name] = arrays[pos][...]  # a new view: ours stay as they are
+                        state = arrays[pos]  # a Blockwise8 is given as it is (live)
+                        entry[name] = state if isinstance(state, Blockwise8) else state[...]
         return out
 
     def flat_state(self) -> list[dict]:
         """The flat state buffers, one dict per (group, dtype) bucket: ``group``, ``dtype``,
         ``params`` (parameter indices in buffer order), ``square_avg``, ``momentum_buffer`` and
-        ``grad_avg`` (None when absent), and for a 16-bit bucket ``master_param``. For a FlatParams optimizer they line up element for
-        element with ``flat.param_buffers[dtype]``."""
+        ``grad_avg`` (None when absent), and for a 16-bit bucket ``master_param``. For a
+        FlatParams optimizer they line up element for element with
+        ``flat.param_buffers[dtype]``. With ``state_format="blockwise8"`` each state buffer is
+        the list of the parameters' own :class:`~fastrms.Blockwise8` buffers (live)."""
         return [{"group": b.group, "dtype": b.dtype, "params": list(indices),
-                 **{name: None if b.flat[name] is None else b.flat[name][...]
+                 **{name: (list(b.state[name]) if b.flat[name] is None and
+                           b.state[name] is not None else
+                           None if b.flat[name] is None else b.flat[name][...])
                     for name in STATE_BUFFERS},
                  **({MASTER: None if b.flat[MASTER] is None else b.flat[MASTER][...]}
                     if b.low_precision else {})}
@@ -400,6 +429,7 @@ def _make_group(g: int, raw: dict, defaults: dict, preset_name: str) -> dict:
                         f"has no default learning rate)")
     check_hyperparameters(group, where)
     check_precision_options(group, where)
+    group[STATE_FORMAT] = group_state_format(group, where)
     group["params"] = params
     return group
 

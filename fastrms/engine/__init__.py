@@ -11,7 +11,9 @@ into :class:`Bucket` objects holding NumPy arrays, and steps them with an :class
 - :mod:`.stepper`: :class:`Engine`, the step;
 - :mod:`.interrupts`: a Ctrl-C during a step's writes delivered after them;
 - :mod:`.precision`: the options of float16 / bfloat16 parameters (``param_rounding``, ``seed``,
-  ``master_weights``) and their stochastic rounding keys.
+  ``master_weights``) and their stochastic rounding keys;
+- :mod:`.compact`: the ``state_format`` option (bfloat16 or blockwise8 state) and the step of a
+  bucket with compact state.
 """
 from .buckets import OPTIONAL_BUFFERS, STATE_BUFFERS, Bucket, StepCounts
 from .checks import ArrayGradients, WrittenRegions, check_params_disjoint

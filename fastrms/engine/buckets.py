@@ -18,6 +18,10 @@ A float16 / bfloat16 bucket keeps float32 state (and, with master weights, a flo
 parameters, the ``"master_param"`` state buffer) and steps through the backend's
 ``update_many_low_precision`` (``update_low_precision`` for a flat bucket rounding to nearest),
 with the rounding options of :mod:`.precision`.
+
+A bucket with compact state (``state_format`` ``"bfloat16"`` or ``"blockwise8"``, float32 or
+16-bit parameters) holds bfloat16 arrays or :class:`~fastrms.Blockwise8` buffers as its state
+and steps through the backend's ``update_compact`` (:mod:`.compact`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 
 from .._codecs import FLOAT32
 from .._validation import is_kernel_ready
+from .compact import DEFAULT_STATE_FORMAT, new_states, run_compact, state_arrays
 from .precision import MASTER, is_low_precision, key_bases, step_keys
 
 STATE_BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
@@ -103,17 +108,26 @@ class Bucket:
     :mod:`.precision`; default 0, 1, ...); ``precision`` is ``(param_rounding, seed,
     master_weights)`` for the next run, set by :meth:`Engine.plan
     <fastrms.engine.Engine.plan>`.
+
+    ``state_format``: ``"float32"`` (the state has ``state_dtype``) or a compact format, whose
+    per-parameter state entries are bfloat16 arrays or Blockwise8 buffers (:mod:`.compact`).
     """
 
     __slots__ = ("group", "dtype", "params", "count", "offsets", "size", "state", "flat",
                  "unready", "caches", "counts", "slots", "_step_groups", "chosen", "_lists",
-                 "state_dtype", "low_precision", "ids", "precision", "_bases")
+                 "state_dtype", "low_precision", "ids", "precision", "_bases", "state_format",
+                 "compact", "_special")
 
     def __init__(self, group: int, dtype, params: list, counts: StepCounts, slots: list,
-                 flat_param=None, flat_grad=None, ids=None):
+                 flat_param=None, flat_grad=None, ids=None,
+                 state_format: str = DEFAULT_STATE_FORMAT):
         self.group = group
         self.dtype = np.dtype(dtype)
         self.low_precision = is_low_precision(self.dtype)
+        self.state_format = state_format
+        self.compact = state_format != DEFAULT_STATE_FORMAT
+        #: Not the plain float32 / float64 step (one test in run()).
+        self._special = self.low_precision or self.compact
         self.state_dtype = FLOAT32 if self.low_precision else self.dtype
         self.ids = list(range(len(params))) if ids is None else list(ids)
         self.precision = ("nearest", 0, False)
@@ -146,7 +160,13 @@ class Bucket:
     # -- state -------------------------------------------------------------------------------
 
     def allocate(self, name: str, fill) -> None:
-        """A new state buffer at ``fill``: one flat buffer, with a view per parameter."""
+        """A new state buffer at ``fill``: one flat buffer, with a view per parameter (compact
+        state: bfloat16 views of one flat buffer, or one Blockwise8 per parameter)."""
+        if self.compact and name != MASTER:
+            arrays, flat = new_states(self.state_format, name, [p.shape for p in self.params],
+                                      fill)
+            self.set_state(name, arrays, flat)
+            return
         buffer = np.full(self.size, fill, self.state_dtype)
         self.set_state(name, [buffer[lo:hi].reshape(p.shape) for lo, hi, p in
                               zip(self.offsets, self.offsets[1:], self.params)], buffer)
@@ -208,7 +228,11 @@ class Bucket:
         out = [p for p in self.params if p.size]
         for arrays in self.state.values():
             if arrays is not None:  # entries are None for parameters that have no state yet
-                out.extend(a for a in arrays if a is not None and a.size)
+                if self.compact:
+                    out.extend(part for a in arrays if a is not None
+                               for part in state_arrays(a) if part.size)
+                else:
+                    out.extend(a for a in arrays if a is not None and a.size)
         return out
 
     def step_count(self, k: int = 0):
@@ -275,8 +299,11 @@ class Bucket:
         chosen parameters (checked by the front end), or ``addresses`` their data addresses (an
         ``np.uintp`` array) for a backend with ``update_many_at_addresses``. The flat layout
         reads the flat gradient buffer."""
-        if self.low_precision:
-            self._run_low_precision(coeffs, module, grads)
+        if self._special:
+            if self.compact:
+                run_compact(self, coeffs, module, grads)
+            else:
+                self._run_low_precision(coeffs, module, grads)
             return
         momentum = coeffs.uses_momentum
         centered = coeffs.centered

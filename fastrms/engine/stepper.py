@@ -11,6 +11,7 @@ from .. import _dispatch
 from .._coefficients import IMMUTABLE
 from .buckets import Bucket
 from .checks import WrittenRegions
+from .compact import DEFAULT_STATE_FORMAT, STATE_FORMAT, check_not_diverged
 from .hyperparameters import HYPERPARAMETERS, group_coefficients
 from .interrupts import deliver_interrupts, hold_interrupts
 from .precision import MASTER, check_master_has_targets, check_precision_options
@@ -53,6 +54,8 @@ class Engine:
         self.refresh_regions()
         self._last_values: list = [None] * group_count
         self._last_coefficients: list = [None] * group_count
+        #: Whether a bucket has compact state (checked for diverged blocks before a step).
+        self._compact = any(bucket.compact for bucket in buckets)
 
     def refresh_regions(self) -> WrittenRegions:
         """Rebuild the written regions (after a state buffer was allocated or replaced)."""
@@ -79,6 +82,12 @@ class Engine:
             if not buckets:
                 continue
             group = groups[g]
+            state_format = group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+            if state_format is not buckets[0].state_format and \
+                    state_format != buckets[0].state_format:
+                raise ValueError(f"param_groups[{g}]['state_format'] is {state_format!r} but "
+                                 f"the group's state is {buckets[0].state_format!r}; the state "
+                                 f"format is fixed when the optimizer is built")
             precision = check_precision_options(group, f"param_groups[{g}]")
             if precision[2]:
                 check_master_has_targets(group, [b.dtype for b in buckets], f"param_groups[{g}]")
@@ -147,6 +156,10 @@ class Engine:
         every bucket, count the step, and return True."""
         if skip_nonfinite and not self.all_finite(jobs):
             return False
+        if self._compact:
+            for job in jobs:
+                if job[0].compact:
+                    check_not_diverged(job[0])
         self.switch_on(jobs)
         held = hold_interrupts()  # a Ctrl-C lands before the first write or after the count
         try:

@@ -26,6 +26,8 @@ from torch.optim import Optimizer
 
 from .. import _dispatch
 from ..engine import group_coefficients, resolve_module
+from ..engine.compact import (DEFAULT_STATE_FORMAT, STATE_FORMAT, check_format_fits,
+                              check_state_format)
 from ._flat import FlatTensorBucket
 from ._checkpoint import check_checkpoint
 from ._functional import register as register_functional
@@ -33,6 +35,7 @@ from ..engine.interrupts import deliver_interrupts, hold_interrupts
 from ..engine.precision import check_master_has_targets, check_precision_options
 from ._plan import (CAPTURABLE, FASTRMS_OPTIONS, TORCH_PRECISION_OPTIONS, Plan, StepSlots,
                     _get_scalar_dtype, run_torch_jobs)
+from ._compact import STATE_LAYOUTS, float32_layout
 from ._tensors import KERNEL_DTYPES, LOW_PRECISION, fallback_reason
 
 __all__ = ["FunctionalRMSprop", "RMSprop"]
@@ -64,6 +67,17 @@ class RMSprop(torch.optim.RMSprop):
     Their gradient may be of the parameter's dtype or float32. ``flatten`` leaves 16-bit
     parameters in place. ``load_state_dict`` keeps their float32 state float32 (torch would
     cast it to the parameter's dtype).
+
+    ``state_format`` (a group option, in the state dict's groups) keeps the state of the
+    kernel's float32 and 16-bit parameters compact: ``"float32"`` (the default), ``"bfloat16"``
+    (bfloat16 tensors, round to nearest even) or ``"blockwise8"`` (per buffer ``name``, uint8
+    ``name_codes`` and float32 ``name_scales`` tensors: one 8-bit code per element, unsigned
+    for ``square_avg`` and signed for ``momentum_buffer`` / ``grad_avg``, one scale per 256
+    elements). The update is the bits of :func:`fastrms.rmsprop_update` on that state. A
+    compact group may hold no float64 parameter and none that torch's implementation would
+    update. ``state_dict()`` holds the compact tensors (exact resume);
+    ``state_dict(state_layout="float32")`` gives torch's float32 layout, and loading a float32
+    checkpoint (``torch.optim.RMSprop``'s) into a compact optimizer quantizes it.
 
     One step makes one kernel call per (parameter group, dtype), over all that group's tensors
     of that dtype. ``step(closure)``, ``zero_grad``, parameter groups, LR schedulers (which
@@ -144,7 +158,8 @@ class RMSprop(torch.optim.RMSprop):
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, eps_in_sqrt=False, lr_in_momentum=False,
                  nesterov=False, decoupled_weight_decay=False, backend=None, flatten=False,
-                 param_rounding="nearest", seed=0, master_weights=False):
+                 param_rounding="nearest", seed=0, master_weights=False,
+                 state_format=DEFAULT_STATE_FORMAT):
         # torch's checks and messages first: code written against torch sees torch's errors.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -173,8 +188,10 @@ class RMSprop(torch.optim.RMSprop):
                         maximize=maximize, differentiable=differentiable,
                         eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
-                        param_rounding=param_rounding, seed=seed, master_weights=master_weights)
+                        param_rounding=param_rounding, seed=seed, master_weights=master_weights,
+                        state_format=state_format)
         check_precision_options(defaults, "RMSprop")
+        check_state_format(state_format, "RMSprop")
         # torch.optim.RMSprop.__init__ would build torch's defaults only; the base class takes ours.
         Optimizer.__init__(self, params, defaults)
         # Build now: option conflicts surface here, and flatten moves the parameters now.
@@ -196,6 +213,9 @@ class RMSprop(torch.optim.RMSprop):
             if check_precision_options(group, where)[2]:
                 check_master_has_targets(group, [KERNEL_DTYPES.get(p.dtype) for p in
                                                  group["params"]], where)
+            group[STATE_FORMAT] = check_state_format(group[STATE_FORMAT], where)
+            check_format_fits(group[STATE_FORMAT], [KERNEL_DTYPES.get(p.dtype) for p in
+                                                    group["params"]], where)
         except (TypeError, ValueError):
             del self.param_groups[index]
             raise
@@ -287,16 +307,49 @@ class RMSprop(torch.optim.RMSprop):
                     deliver_interrupts()
         return loss
 
+    @torch._disable_dynamo
+    def state_dict(self, state_layout: str = "stored") -> dict:
+        """As ``torch.optim.Optimizer.state_dict``. ``state_layout="stored"`` (the default)
+        holds the state as this optimizer keeps it (compact state as its tensors: exact
+        resume); ``state_layout="float32"`` gives ``torch.optim.RMSprop``'s layout instead:
+        every buffer of a group with compact state decoded to a float32 tensor of its
+        parameter's shape, and no ``state_format`` key in the groups (so any RMSprop, torch's or
+        this one in any state format, loads it)."""
+        if not isinstance(state_layout, str) or state_layout not in STATE_LAYOUTS:
+            raise ValueError(f"state_layout must be one of {', '.join(map(repr, STATE_LAYOUTS))}"
+                             f", got {state_layout!r}")
+        saved = super().state_dict()
+        if state_layout == "stored":
+            return saved
+        formats = {}
+        for saved_group, group in zip(saved["param_groups"], self.param_groups):
+            state_format = group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+            for saved_id, p in zip(saved_group["params"], group["params"]):
+                formats[saved_id] = (state_format, p)
+        return float32_layout(saved, formats)
+
     def load_state_dict(self, state_dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, after checking that every saved state
         tensor has its parameter's shape (torch would broadcast some of them silently) and that
         no entry misses ``step`` or ``square_avg``: a checkpoint that does not fit raises
-        ``ValueError`` / ``KeyError`` and leaves the optimizer unchanged."""
+        ``ValueError`` / ``KeyError`` and leaves the optimizer unchanged.
+
+        Compact state: a group keeps its ``state_format``; a saved group naming another one is
+        refused. Its blockwise8 codes and scales (or bfloat16 tensors) are checked (dtype,
+        length, finite non-negative scales) and loaded as they are; float32 state (a
+        ``torch.optim.RMSprop`` checkpoint, or ``state_dict(state_layout="float32")``) is
+        quantized into the group's format."""
         with self._lock:
-            check_checkpoint(self.param_groups, state_dict)
+            formats = [group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+                       for group in self.param_groups]
+            check_checkpoint(self.param_groups, state_dict, formats)
             super().load_state_dict(state_dict)
+            for group, state_format in zip(self.param_groups, formats):
+                group[STATE_FORMAT] = state_format
             self._keep_float32_state(state_dict)
             self._plan = None
+            if any(f != DEFAULT_STATE_FORMAT for f in formats):
+                self._valid_plan()  # quantize float32 state now: state_dict() shows it
 
     def _keep_float32_state(self, state_dict) -> None:
         """torch's load_state_dict casts state to its parameter's dtype; the state of a 16-bit
@@ -308,11 +361,15 @@ class RMSprop(torch.optim.RMSprop):
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for saved_id, p in zip(ids, params):
             saved = state_dict["state"].get(saved_id)
-            if p.dtype not in LOW_PRECISION or not saved or \
-                    fallback_reason(p, group_of[id(p)]) is not None:
+            group = group_of[id(p)]
+            # Compact state is taken back as saved (torch casts uint8 codes to float, too).
+            compact = group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT) != DEFAULT_STATE_FORMAT
+            if (p.dtype not in LOW_PRECISION and not compact) or not saved or \
+                    fallback_reason(p, group) is not None:
                 continue
             for key, value in saved.items():
-                if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
+                if key != "step" and torch.is_tensor(value) and \
+                        (compact or value.dtype == torch.float32):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     # -- introspection -----------------------------------------------------------------------

@@ -9,6 +9,10 @@ and a change sends the optimizer back to planning before anything is written.
 A bfloat16 / float16 bucket keeps float32 state tensors in ``opt.state`` (and, with
 ``master_weights``, the float32 copy ``"master_param"``); its gradients are read through
 NumPy views (its parameter's dtype or float32), never as raw addresses.
+
+A bucket of a group with compact state (``state_format``) keeps the tensors of
+:mod:`._compact` in ``opt.state`` (bfloat16 tensors, or uint8 codes and float32 scales), float32
+state found there (a torch checkpoint) quantized into them, and steps the engine's compact path.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ import numpy as np
 import torch
 
 from ..engine import STATE_BUFFERS, Bucket
+from ..engine.compact import DEFAULT_STATE_FORMAT, STATE_FORMAT
 from ..engine.precision import MASTER
 from ._checkpoint import check_state_entry
+from ._compact import (blockwise, buffer_of, check_entry, check_no_compact_keys, new_tensor,
+                       quantize, state_keys, usable)
 from ._tensors import (KERNEL_DTYPES, LOW_PRECISION, PLAIN_TYPES, SPARSE, TensorLayouts, data_ptr,
                        flat_array, get_dtype, get_grad, get_is_cpu, is_contiguous, is_neg,
                        layout_key, numel, same)
@@ -48,7 +55,10 @@ class TensorBucket:
         self.low_precision = self.torch_dtype in LOW_PRECISION
         #: The dtype of the state tensors: float32 for 16-bit parameters.
         self.state_dtype = torch.float32 if self.low_precision else self.torch_dtype
-        self.names = STATE_BUFFERS + ((MASTER,) if self.low_precision else ())
+        #: "float32" or a compact format (then the state keys are those of _compact.py).
+        self.state_format = group.get(STATE_FORMAT, DEFAULT_STATE_FORMAT)
+        self.compact = self.state_format != DEFAULT_STATE_FORMAT
+        self.names = state_keys(self.state_format, self.low_precision)
         self.master_on = self.low_precision and bool(group.get("master_weights", False))
         self.torch_dtypes = [self.torch_dtype] * self.count
         self.align_mask = np.uintp(self.dtype.itemsize - 1)
@@ -64,7 +74,8 @@ class TensorBucket:
         self.bucket = Bucket(index, self.dtype, [flat_array(p) for p in self.local],
                              context.counts,
                              self.slots, flat_param, flat_grad,
-                             ids=[offset + k for k in positions])
+                             ids=[offset + k for k in positions],
+                             state_format=self.state_format)
         self.dicts = [None] * self.count  # each parameter's state dict, once it has state
         self.tensors = {name: [None] * self.count for name in self.names}
         self.watch = None  # per state buffer: (getter, dicts, tensors, their layouts)
@@ -99,6 +110,8 @@ class TensorBucket:
     # -- state ---------------------------------------------------------------------------------
 
     def _new_buffer(self, name: str, k: int) -> torch.Tensor:
+        if self.compact and name != MASTER:
+            return new_tensor(self.state_format, name, self.params[k])
         if name == MASTER:  # the parameter's value, widened (exact)
             return self.params[k].detach().to(torch.float32, memory_format=torch.preserve_format,
                                               copy=True)
@@ -109,12 +122,25 @@ class TensorBucket:
         """State that exists already (loaded, or replaced by user code) must fit its parameter:
         torch raises on a missing key, and a tensor of another shape must not broadcast. (An
         entry holding only a step, as torch leaves it, counts as missing square_avg too.)"""
-        check_state_entry(p_state, self.params[k], f"opt.state of {self.label(k)}",
-                          "the parameter", RuntimeError)
+        where = f"opt.state of {self.label(k)}"
+        if self.compact:
+            check_entry(p_state, self.params[k], self.state_format, where, "the parameter",
+                        RuntimeError)
+            return
+        check_no_compact_keys(p_state, where, RuntimeError)
+        check_state_entry(p_state, self.params[k], where, "the parameter", RuntimeError)
 
     def _usable(self, name: str, k: int, tensor) -> torch.Tensor:
         """``tensor`` itself when the kernel can walk it alongside the parameter, else a copy
         (which then replaces it in the state dict)."""
+        if self.compact and name != MASTER:
+            if usable(self.state_format, name, self.params[k], tensor, layout_key):
+                return tensor
+            fresh = self._new_buffer(name, k)
+            with torch.no_grad():
+                fresh.copy_(tensor.detach().reshape(fresh.shape) if fresh.dim() == 1
+                            else tensor.detach())
+            return fresh
         if self._walkable(k, tensor):
             return tensor
         fresh = self._new_buffer(name, k)
@@ -133,10 +159,20 @@ class TensorBucket:
         self.dicts[k][name] = tensor
         self.tensors[name][k] = tensor
         bucket = self.bucket
-        if bucket.state[name] is None:
-            bucket.set_state(name, [None] * self.count, self._flat_state(name))
-        bucket.set_state_array(name, k, flat_array(
-            tensor if self.memory_of is None else self.memory_of(tensor)))
+        buffer, part = buffer_of(name)
+        if part:  # a blockwise8 half: the engine's Blockwise8 once both halves are here
+            codes, scales = (self.tensors[buffer + "_codes"][k],
+                             self.tensors[buffer + "_scales"][k])
+            if codes is None or scales is None:
+                return
+            array = blockwise(codes, scales, buffer)
+        else:
+            array = flat_array(tensor if self.memory_of is None else self.memory_of(tensor))
+        if bucket.state[buffer] is None:
+            bucket.set_state(buffer, [None] * self.count,
+                             None if self.compact and buffer != MASTER else
+                             self._flat_state(buffer))
+        bucket.set_state_array(buffer, k, array)
         self.watch = None
         self.dirty = True
 
@@ -158,26 +194,38 @@ class TensorBucket:
             self._set_step(k, float(step))
         if MASTER in p_state and not self.master_on:  # the parameter holds its nearest value
             del p_state[MASTER]
+        if self.compact:
+            self._quantize_dense(k, p_state)
         for name in self.names:
+            buffer = buffer_of(name)[0]
             if name in p_state:
                 self._attach(k, name, self._usable(name, k, p_state[name]))
-            elif (name == "momentum_buffer" and self.momentum_on) or \
-                    (name == "grad_avg" and self.centered_on) or \
+            elif (buffer == "momentum_buffer" and self.momentum_on) or \
+                    (buffer == "grad_avg" and self.centered_on) or \
                     (name == MASTER and self.master_on):
                 self._attach(k, name, self._new_buffer(name, k))
+
+    def _quantize_dense(self, k: int, p_state: dict) -> None:
+        """Dense state of another precision (float32, from a torch checkpoint or a float32
+        layout) becomes the group's compact format."""
+        for name in STATE_BUFFERS:
+            value = p_state.get(name)
+            if value is None or (self.state_format == "bfloat16"
+                                 and value.dtype == torch.bfloat16):
+                continue
+            del p_state[name]
+            p_state.update(quantize(self.state_format, name, self.params[k], value))
 
     def _initialize(self, state, k: int) -> None:
         """State for a parameter's first step, created as torch creates it (step, square_avg,
         then momentum_buffer and grad_avg when used)."""
         self.dicts[k] = state[self.params[k]]
         self._set_step(k, 0.0)
-        self._attach(k, "square_avg", self._new_buffer("square_avg", k))
-        if self.momentum_on:
-            self._attach(k, "momentum_buffer", self._new_buffer("momentum_buffer", k))
-        if self.centered_on:
-            self._attach(k, "grad_avg", self._new_buffer("grad_avg", k))
-        if self.master_on:
-            self._attach(k, MASTER, self._new_buffer(MASTER, k))
+        wanted = {"square_avg": True, "momentum_buffer": self.momentum_on,
+                  "grad_avg": self.centered_on, MASTER: self.master_on}
+        for name in self.names:
+            if wanted[buffer_of(name)[0]]:
+                self._attach(k, name, self._new_buffer(name, k))
 
     def set_precision(self, precision: tuple) -> None:
         """A 16-bit bucket's rounding options for the coming step: a master copy switched on
@@ -210,7 +258,10 @@ class TensorBucket:
             for k, p_state in enumerate(self.dicts):
                 if p_state is None:
                     continue
-                for name, on in (("momentum_buffer", momentum), ("grad_avg", centered)):
+                for name in self.names:
+                    buffer = buffer_of(name)[0]
+                    on = (momentum if buffer == "momentum_buffer" else
+                          centered if buffer == "grad_avg" else False)
                     if on and self.tensors[name][k] is None:
                         self._attach(k, name, self._new_buffer(name, k))
 
@@ -301,7 +352,8 @@ class TensorBucket:
         ``(bucket, coefficients, module, gradients, addresses)``, with every gradient checked
         (layout, and no overlap with anything the step writes)."""
         chosen = self.bucket.chosen
-        if not self.low_precision and hasattr(module, "update_many_at_addresses"):
+        if not self.low_precision and not self.compact and \
+                hasattr(module, "update_many_at_addresses"):
             addresses = self._grad_addresses(grads, chosen)
             if addresses is not None:
                 self._check_overlap(grads, addresses, chosen, regions)
@@ -381,6 +433,10 @@ class TensorBucket:
             out.append((array, f"parameter {self.label(k)}"))
         for name, arrays in self.bucket.state.items():
             for k, array in enumerate(arrays or ()):
-                if array is not None:
-                    out.append((array, f"the {name} of parameter {self.label(k)}"))
+                if array is None:
+                    continue
+                parts = ([(array.codes, "_codes"), (array.scales, "_scales")]
+                         if hasattr(array, "codes") else [(array, "")])
+                for part, suffix in parts:
+                    out.append((part, f"the {name}{suffix} of parameter {self.label(k)}"))
         return out

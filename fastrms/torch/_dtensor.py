@@ -21,6 +21,15 @@ class DTensorBucket(TensorBucket):
 
     memory_of = staticmethod(local_tensor)
 
+    def __init__(self, context, state, index: int, group: dict, params: list, positions: list):
+        state_format = group.get("state_format", "float32")
+        if state_format != "float32":
+            raise ValueError(f"param_groups[{index}]: state_format={state_format!r} does not "
+                             f"go with DTensor parameters (FSDP2 shards): their state is "
+                             f"DTensors of the parameter's placements, in float32; put them in "
+                             f"a group with state_format='float32'")
+        super().__init__(context, state, index, group, params, positions)
+
     def _grads(self) -> list:
         """The local tensors of the gradients, redistributed first where a gradient's
         placements differ from its parameter's (torch's DTensor ops would do the same)."""

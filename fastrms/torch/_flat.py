@@ -41,6 +41,8 @@ class FlatTensorBucket(TensorBucket):
     def _flat_state(self, name: str):
         return self.flat_tensors[name].numpy()
 
+    # Compact state (state_format) stays per parameter: each tensor its own (TensorBucket's).
+
     def _install(self, k: int, g) -> None:
         view = self._slot("grad", k)
         view.copy_(g.detach())
@@ -48,9 +50,13 @@ class FlatTensorBucket(TensorBucket):
         self.grad_views[k] = view
 
     def _new_buffer(self, name: str, k: int) -> torch.Tensor:
+        if self.compact:
+            return TensorBucket._new_buffer(self, name, k)
         return self._slot(name, k).zero_()
 
     def _usable(self, name: str, k: int, tensor) -> torch.Tensor:
+        if self.compact:
+            return TensorBucket._usable(self, name, k, tensor)
         view = self._slot(name, k)
         if tensor is not view:
             with torch.no_grad():

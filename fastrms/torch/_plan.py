@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - a torch without it stores float32 step
 
 #: fastrms's options beyond torch's, stored in each parameter group like torch's own keys.
 FASTRMS_OPTIONS = {"eps_in_sqrt": False, "lr_in_momentum": False, "nesterov": False,
-                   "decoupled_weight_decay": False}
+                   "decoupled_weight_decay": False, "state_format": "float32"}
 #: The options of 16-bit kernel parameters (parameters torch updates ignore them).
 TORCH_PRECISION_OPTIONS = dict(PRECISION_DEFAULTS)
 CAPTURABLE = ("capturable=True is for CUDA graph capture, and fastrms.torch.RMSprop runs its "
@@ -181,6 +181,12 @@ class Plan:
             precision = check_precision_options(gp.group, where)
             if precision[2]:
                 check_master_has_targets(gp.group, [b.dtype for b in gp.buckets], where)
+            if gp.buckets:
+                state_format = gp.group.get("state_format", "float32")
+                if state_format != gp.buckets[0].state_format:
+                    raise ValueError(f"{where}['state_format'] is {state_format!r} but the "
+                                     f"group's state is {gp.buckets[0].state_format!r}; the "
+                                     f"state format is fixed when the group is added")
             precisions.append(precision)
         for index, gp in enumerate(self.groups):
             group = gp.group
