@@ -80,12 +80,10 @@ class ShardedRMSprop:
     coefficients agree, with a few bytes of communication), and ``lr`` may be a callable of the
     1-based step number. ``param_groups[0]["params"]`` holds this rank's shard views.
 
-    float16 / bfloat16 parameters keep float32 state (and, with ``master_weights=True``, a
-    float32 master copy of the shard) and round to nearest: each rank's 16-bit gradient pieces
-    are widened, exactly, and summed in float32 in rank order, and the update reads that float32
-    sum, so the bits are those of ``fastrms.RMSprop`` over the same arrays stepped with the
-    float32 sums as gradients. ``param_rounding="stochastic"`` is refused: its random bits are
-    drawn per parameter array, and a shard cuts arrays. Parameters travel as 2-byte integers.
+    float16 / bfloat16 parameters keep float32 state (and master copy, ``master_weights=True``)
+    and round to nearest; their gradient pieces are summed in float32 (widened exactly), so the
+    bits are ``fastrms.RMSprop``'s stepped with those float32 sums (``param_rounding=
+    "stochastic"`` is refused: its bits are drawn per array, and a shard cuts arrays).
 
     Checkpoints: :meth:`state_dict` is this rank's shard; :meth:`consolidated_state_dict`
     gathers, on one rank, what ``fastrms.RMSprop(flat).state_dict()`` would hold;
@@ -186,7 +184,11 @@ class ShardedRMSprop:
         """``fastrms.RMSprop``'s options, resolved as it resolves them (the preset's defaults,
         then the explicit ones) and checked: the one parameter group (no ``params`` yet) and
         the backend name."""
-        unknown = sorted(set(options) - set(OPTIONS))
+        if options.get("state_format", "float32") != "float32":
+            raise ValueError(f"state_format={options['state_format']!r}: ShardedRMSprop keeps "
+                             f"its shard's state in the parameters' dtype (float32 for 16-bit "
+                             f"parameters); compact state is not sharded yet")
+        unknown = sorted(set(options) - set(OPTIONS) - {"state_format"})
         if unknown:
             raise TypeError(f"ShardedRMSprop got unexpected options {unknown}; it takes "
                             f"comm, average, bucket_bytes and {', '.join(OPTIONS)}")

@@ -204,6 +204,23 @@ def test_docstring_examples_in_a_world_of_one():
     run_python(code, env=clean_env(PYTHONPATH=str(ROOT)), timeout=120)
 
 
+@needs_mpi
+def test_compact_state_and_stochastic_rounding_are_refused_by_name():
+    code = ("import numpy as np, ml_dtypes, fastrms\n"
+            "from fastrms.distributed import ShardedRMSprop\n"
+            "flat = fastrms.FlatParams([np.ones(300, ml_dtypes.bfloat16)])\n"
+            "for options, words in (({'state_format': 'blockwise8'}, 'not sharded yet'),\n"
+            "                       ({'param_rounding': 'stochastic'}, 'a shard cuts arrays')):\n"
+            "    try:\n"
+            "        ShardedRMSprop(flat, lr=0.1, **options)\n"
+            "    except ValueError as error:\n"
+            "        assert words in str(error), error\n"
+            "    else:\n"
+            "        raise AssertionError(options)\n"
+            "assert ShardedRMSprop(flat, lr=0.1, state_format='float32').step()\n")
+    run_python(code, env=clean_env(PYTHONPATH=str(ROOT)), timeout=120)
+
+
 # -- under mpiexec -----------------------------------------------------------------------------
 
 def launch(world: int, out_dir: Path) -> dict:
