@@ -1,5 +1,6 @@
 /* Compact optimizer state (bfloat16 arrays, blockwise8 buffers) with float32 or 16-bit
- * parameters: one generic block driver. Each thread takes whole blocks of 256 elements (the
+ * parameters. The common combinations run the fused loops of compact_fused.h; this file holds
+ * the codecs and the generic block driver. Each thread takes whole blocks of 256 elements (the
  * blockwise8 block): every stream of the block is decoded into float32 scratch on the stack
  * (or used in place when it is float32), the float32 update body of rmsprop_kernel.h runs on
  * it, and the results are encoded back: 16-bit params as rmsprop16.h does, bfloat16 state by
