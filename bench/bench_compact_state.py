@@ -12,6 +12,7 @@ are robust to the load of a shared machine. Targets of issue 15: float32 p + blo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -84,11 +85,14 @@ def main() -> None:
     parser.add_argument("--numba", action="store_true")
     args = parser.parse_args()
     settings = pin_threads(args.threads)
+    load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     steps = setups(args.n, args.momentum, args.numba)
     best = interleaved_best(steps, rounds=args.rounds, batch_seconds=0.05)
     base = best["float32"]
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"CPU: {cpu_model()}; n = {args.n}; threads: {settings}; "
-          f"{'momentum' if args.momentum else 'plain'}")
+          f"{'momentum' if args.momentum else 'plain'}; load average (1 / 5 / 15 min) before "
+          f"{load_before}, after {load}")
     print("| step | ms | speed-up vs float32 | fraction of its roofline |")
     print("|---|---|---|---|")
     for name, seconds in best.items():

@@ -38,7 +38,7 @@ ffibuilder.set_source(
     sources=["csrc/rmsprop.c"],
     include_dirs=["csrc"],
     depends=["csrc/fastrms.h", "csrc/rmsprop_kernel.h", "csrc/codecs16.h", "csrc/rmsprop16.h",
-             "csrc/compact_state.h"],
+             "csrc/compact_state.h", "csrc/compact_fused.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     libraries=["m"],

@@ -1,5 +1,6 @@
 /* Compact optimizer state (bfloat16 arrays, blockwise8 buffers) with float32 or 16-bit
- * parameters: one generic block driver. Each thread takes whole blocks of 256 elements (the
+ * parameters. The common combinations run the fused loops of compact_fused.h; this file holds
+ * the codecs and the generic block driver. Each thread takes whole blocks of 256 elements (the
  * blockwise8 block): every stream of the block is decoded into float32 scratch on the stack
  * (or used in place when it is float32), the float32 update body of rmsprop_kernel.h runs on
  * it, and the results are encoded back: 16-bit params as rmsprop16.h does, bfloat16 state by
@@ -88,55 +89,73 @@ static ALWAYS_INLINE float b8_encode(const float *restrict in, uint8_t *restrict
 /* AVX2 by hand: GCC's own vectorisation of the loops above ran at 0.2-0.6 ns per element
  * (measured; widening bytes and packing them back cost most). The same integer operations, so
  * the same bits; the tails (n % 32) go through the portable loops. */
+
+/* Eight codes, one per 32-bit lane, -> their float32 values times the block's scale. A zero
+ * code (magnitude) decodes to 0: vpsignd keeps a lane where the code is > 0 and zeroes it
+ * where it is 0, one instruction for the compare and mask. */
+static ALWAYS_INLINE TARGET_AVX2 __m256 b8_code_values_avx2(__m256i c, __m256 scale,
+                                                            int is_signed) {
+    const __m256i base = _mm256_set1_epi32((int)B8_EXPONENT_BASE);
+    __m256i bits;
+    if (is_signed) {
+        const __m256i m = _mm256_and_si256(c, _mm256_set1_epi32(127));
+        bits = _mm256_sign_epi32(_mm256_add_epi32(_mm256_slli_epi32(m, 20), base), m);
+        bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_slli_epi32(c, 24),
+                                                      _mm256_set1_epi32((int)0x80000000u)));
+    } else {
+        bits = _mm256_sign_epi32(_mm256_add_epi32(_mm256_slli_epi32(c, 19), base), c);
+    }
+    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+}
+
+/* Eight codes -> their float32 values times the block's scale. */
+static ALWAYS_INLINE TARGET_AVX2 __m256 b8_values_avx2(const uint8_t *codes, __m256 scale,
+                                                       int is_signed) {
+    return b8_code_values_avx2(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes)),
+                               scale, is_signed);
+}
+
 static TARGET_AVX2 void b8_decode_avx2_by_hand(const uint8_t *restrict codes, float scale,
                                                  float *restrict out, size_t n, int is_signed) {
     const __m256 vscale = _mm256_set1_ps(scale);
-    const __m256i base = _mm256_set1_epi32((int)B8_EXPONENT_BASE), zero = _mm256_setzero_si256();
-    const __m256i low7 = _mm256_set1_epi32(127), sign = _mm256_set1_epi32((int)0x80000000u);
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
-        __m256i bits;
-        if (is_signed) {
-            const __m256i m = _mm256_and_si256(c, low7);
-            bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, zero),
-                                       _mm256_add_epi32(_mm256_slli_epi32(m, 20), base));
-            bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_slli_epi32(c, 24), sign));
-        } else {
-            bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(c, zero),
-                                       _mm256_add_epi32(_mm256_slli_epi32(c, 19), base));
-        }
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_castsi256_ps(bits), vscale));
-    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, b8_values_avx2(codes + i, vscale, is_signed));
     if (i < n) b8_decode(codes + i, scale, out + i, n - i, is_signed);
 }
 
+/* The codes of eight values (each in its 32-bit lane) by the rules of b8_encode, for a block
+ * whose scale is finite and positive; the caller packs them with unsigned saturation. The
+ * exponent rebase is folded into the rounding add (an arithmetic shift: the same integer,
+ * as the bias is a multiple of the shifted unit). Unsigned: vpsignd by x's bits turns the
+ * code of an x <= 0 (-0.0 included) into 0 or a negative that the pack saturates to 0.
+ * Signed: the sign bit, 128, kept by vpsignd only where the magnitude is nonzero. */
 static ALWAYS_INLINE TARGET_AVX2 __m256i b8_codes_avx2(__m256 x, __m256 inv, int is_signed) {
-    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), one = _mm256_set1_epi32(1);
-    const __m256i rb = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(x, inv)), abs_mask);
-    const int shift = is_signed ? 20 : 19;
-    const __m256i half = _mm256_set1_epi32(is_signed ? 0x7FFFF : 0x3FFFF);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(rb, shift), one);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(rb, half), odd), shift);
-    r = _mm256_sub_epi32(r, _mm256_set1_epi32(is_signed ? B8_SIGNED_BIAS : B8_UNSIGNED_BIAS));
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i rb = _mm256_castps_si256(_mm256_mul_ps(x, inv));
     if (is_signed) {
+        rb = _mm256_and_si256(rb, _mm256_set1_epi32(0x7FFFFFFF));
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(rb, 20), one);
+        const __m256i half = _mm256_set1_epi32(0x7FFFF - (B8_SIGNED_BIAS << 20));
+        const __m256i r = _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(rb, half), odd), 20);
         const __m256i m = _mm256_min_epi32(_mm256_max_epi32(r, _mm256_setzero_si256()),
                                            _mm256_set1_epi32(B8_SIGNED_MAX));
-        const __m256i nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(m, _mm256_setzero_si256()),
-                                                 _mm256_set1_epi32(-1));
-        const __m256i negative = _mm256_srli_epi32(_mm256_castps_si256(x), 31);
-        return _mm256_or_si256(m, _mm256_slli_epi32(_mm256_and_si256(negative, nonzero), 7));
+        const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 24),
+                                              _mm256_set1_epi32(128));
+        return _mm256_or_si256(m, _mm256_sign_epi32(sign, m));
     }
-    const __m256i c = _mm256_min_epi32(_mm256_max_epi32(r, one),
-                                       _mm256_set1_epi32(B8_UNSIGNED_MAX));
-    return _mm256_and_si256(c, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(),
-                                                                 _CMP_GT_OQ)));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(rb, 19), one);
+    const __m256i half = _mm256_set1_epi32(0x3FFFF - (B8_UNSIGNED_BIAS << 19));
+    const __m256i r = _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(rb, half), odd), 19);
+    const __m256i c =
+        _mm256_min_epi32(_mm256_max_epi32(r, one), _mm256_set1_epi32(B8_UNSIGNED_MAX));
+    return _mm256_sign_epi32(c, _mm256_castps_si256(x));
 }
 
-static TARGET_AVX2 float b8_encode_avx2_by_hand(const float *restrict in, uint8_t *restrict codes,
-                                                size_t n, int is_signed) {
-    float scale;
-    if (!b8_block_scale(in, codes, n, &scale)) return scale;
+/* The codes of n values of a block whose (positive, finite) scale is known. */
+static ALWAYS_INLINE TARGET_AVX2 void b8_encode_scaled_avx2(const float *restrict in,
+                                                            uint8_t *restrict codes, size_t n,
+                                                            float scale, int is_signed) {
     const __m256 inv = _mm256_set1_ps(1.0f / scale);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     size_t i = 0;
@@ -168,6 +187,13 @@ static TARGET_AVX2 float b8_encode_avx2_by_hand(const float *restrict in, uint8_
             }
         }
     }
+}
+
+static TARGET_AVX2 float b8_encode_avx2_by_hand(const float *restrict in, uint8_t *restrict codes,
+                                                size_t n, int is_signed) {
+    float scale;
+    if (b8_block_scale(in, codes, n, &scale))
+        b8_encode_scaled_avx2(in, codes, n, scale, is_signed);
     return scale;
 }
 
@@ -401,6 +427,8 @@ static compact_set compact_streams(const struct fastrms_coeffs_f32 *coeffs, cons
     return x;
 }
 
+#include "compact_fused.h"
+
 int fastrms_update_compact(const struct fastrms_coeffs_f32 *coeffs, unsigned flags,
                            unsigned formats, uint64_t key, void *param, const void *grad,
                            void **states, float **scales, float *master_param, size_t n) {
@@ -409,8 +437,13 @@ int fastrms_update_compact(const struct fastrms_coeffs_f32 *coeffs, unsigned fla
                                           scales, master_param, n);
     const int status = compact_check(&x);
     if (status != FASTRMS_OK || n == 0) return status;
-    compact_run(compact_blocks, &x);
+    const compact_blocks_fn fused = compact_fused_fn(flags, formats, simd_level());
+    compact_run(fused ? fused : compact_blocks, &x);
     return FASTRMS_OK;
+}
+
+int fastrms_compact_fused(unsigned flags, unsigned formats) {
+    return compact_fused_fn(flags, formats, simd_level()) != NULL;
 }
 
 /* -- the codec alone, and the roofline over the same streams ------------------------------ */

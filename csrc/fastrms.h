@@ -140,6 +140,9 @@ int fastrms_conversion_instructions(void);
 int fastrms_update_compact(const struct fastrms_coeffs_f32 *coeffs, unsigned flags,
                            unsigned formats, uint64_t key, void *param, const void *grad,
                            void **states, float **scales, float *master_param, size_t n);
+/* 1 if fastrms_update_compact runs these flags and formats in one of its fused loops at the
+ * current SIMD level (csrc/compact_fused.h), 0 if in the generic block driver. Same bits. */
+int fastrms_compact_fused(unsigned flags, unsigned formats);
 /* The blockwise8 codec alone (is_signed: the momentum_buffer / grad_avg code). */
 int fastrms_decode_b8(int is_signed, const uint8_t *codes, const float *scales, float *out,
                       size_t n);
