@@ -7,6 +7,7 @@ mpi4py is imported when it is first needed, never by ``import fastrms``.
 from __future__ import annotations
 
 import hashlib
+from numbers import Integral
 
 import numpy as np
 
@@ -61,3 +62,17 @@ def agree(comm, error, parts, what: str) -> None:
                 raise ValueError(f"{what}: the ranks disagree on the {name}: rank 0 has "
                                  f"{texts[0][name]}, rank {q} has {texts[q].get(name)}")
     raise ValueError(f"{what}: the ranks disagree")  # pragma: no cover - digests differ only
+
+
+def as_plain(value):
+    """A construction option as the ranks compare it (bools, numbers and reprs)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (Integral, float, np.floating)):
+        return float(value)
+    return repr(value)
+
+
+def raw_bits(array):
+    """A 2-byte array as uint16, for MPI (mpi4py cannot export bfloat16's buffer format)."""
+    return array.view(np.uint16) if array.itemsize == 2 else array

@@ -24,7 +24,12 @@ from .checkpoint import (_ENTRY_KEYS, _as_builtin, _check_step, _exact_keys,
                          state_dict_from_arrays as _plain_from_arrays,
                          state_dict_to_arrays as _plain_to_arrays)
 from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
+from .engine.compact import STATE_FORMAT
 from .engine.precision import MASTER, PRECISION_OPTIONS
+from ._codecs import FLOAT32
+
+#: Group keys kept as they are saved (checked by fastrms.checkpoint.load_state_dict).
+_PASSED_THROUGH = PRECISION_OPTIONS + (STATE_FORMAT,)
 
 #: The buffers a state entry may hold: the optimizer state, and a 16-bit parameter's float32
 #: master copy.
@@ -47,7 +52,7 @@ def hyperparameter_entry(group: Mapping, where: str, keys=HYPERPARAMETERS) -> di
         value = group[key]
         if key == "lr" and callable(value):
             entry[key] = None
-        elif key in PRECISION_OPTIONS:
+        elif key in _PASSED_THROUGH:
             entry[key] = value if isinstance(value, str) else \
                 (bool(value) if key == "master_weights" else int(value))
         else:
@@ -180,7 +185,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum,
     hyper = {key: None if key == "lr" and value is None else _as_builtin(value, f"{where}[{key!r}]")
              for key, value in hyper.items()}
     # The 16-bit options as saved: fastrms.checkpoint.load_state_dict checks them.
-    hyper.update((key, saved[key]) for key in group_keys if key in PRECISION_OPTIONS)
+    hyper.update((key, saved[key]) for key in group_keys if key in _PASSED_THROUGH)
     required = {"momentum_buffer": checked["momentum"] != 0 or always_momentum,
                 "grad_avg": bool(checked["centered"])}
 
@@ -225,7 +230,8 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum,
         found = {}
         for name in _BUFFERS:
             if name in entry:
-                found[name] = _checked_array(entry[name], dtype, shape, f"{where}[{name!r}]")
+                found[name] = _checked_array(entry[name], FLOAT32 if name == MASTER else dtype,
+                                             shape, f"{where}[{name!r}]")
         arrays.append(found)
     return hyper, step, arrays
 
@@ -247,7 +253,8 @@ def _slice_of(arrays, layout, dtype, state_dtype, lo: int, hi: int) -> dict:
     form's per-array entries."""
     members = [i for i, entry in enumerate(layout) if entry[0] == dtype]  # never empty
     names = [name for name in _BUFFERS if name in arrays[members[0]]]
-    out = {name: np.empty(hi - lo, state_dtype) for name in names}
+    out = {name: np.empty(hi - lo, FLOAT32 if name == MASTER else state_dtype)
+           for name in names}
     for i in members:
         _, offset, size, _ = layout[i]
         start, stop = max(lo, offset), min(hi, offset + size)

@@ -23,7 +23,7 @@ from numbers import Integral
 import numpy as np
 
 from . import _dispatch, checkpoint, presets
-from ._agreement import RankError, agree, digest, mpi
+from ._agreement import RankError, agree, as_plain, digest, mpi, raw_bits
 from ._coefficients import check_real
 from ._shard_state import (checked_shard_form, full_state_dict, hyperparameter_entry,
                            shard_description, state_dict_from_arrays, state_dict_to_arrays)
@@ -33,8 +33,10 @@ from .engine import (HYPERPARAMETERS, STATE_BUFFERS, Bucket, Engine, StepCounts,
 from .engine.precision import (MASTER, PRECISION_DEFAULTS, PRECISION_OPTIONS,
                                check_master_has_targets, check_precision_options,
                                is_low_precision)
+from .engine.compact import (DEFAULT_STATE_FORMAT, STATE_FORMAT, check_format_fits,
+                             check_state_format)
 from .flat import FlatParams
-from ._codecs import FLOAT32
+from ._codecs import BFLOAT16, FLOAT32
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "OPTIONS", "RankError", "ShardedRMSprop",
            "state_dict_from_arrays", "state_dict_to_arrays"]
@@ -46,7 +48,11 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "OPTIONS", "RankError", "ShardedRMSprop",
 DEFAULT_BUCKET_BYTES = 2 << 20
 
 #: The keyword options besides ``comm``, ``average`` and ``bucket_bytes``: ``fastrms.RMSprop``'s.
-OPTIONS = HYPERPARAMETERS + PRECISION_OPTIONS + ("preset", "backend", "skip_nonfinite")
+OPTIONS = HYPERPARAMETERS + PRECISION_OPTIONS + ("state_format", "preset", "backend",
+                                                  "skip_nonfinite")
+#: fastrms.RMSprop's blockwise8 blocks lie within each parameter; shards cut parameters.
+BLOCKWISE8_REFUSED = ("state_format='blockwise8' is not sharded: fastrms.RMSprop's blocks lie "
+                      "within each parameter, and shards cut parameters; use 'bfloat16'")
 _BUFFERS = STATE_BUFFERS + (MASTER,)
 #: Stochastic rounding draws its bits per parameter array, and a shard cuts arrays.
 STOCHASTIC_REFUSED = ("ShardedRMSprop rounds 16-bit parameters to nearest (with or without "
@@ -84,6 +90,7 @@ class ShardedRMSprop:
     and round to nearest; their gradient pieces are summed in float32 (widened exactly), so the
     bits are ``fastrms.RMSprop``'s stepped with those float32 sums (``param_rounding=
     "stochastic"`` is refused: its bits are drawn per array, and a shard cuts arrays).
+    ``state_format="bfloat16"`` keeps the shard's state in bfloat16; ``"blockwise8"`` is refused.
 
     Checkpoints: :meth:`state_dict` is this rank's shard; :meth:`consolidated_state_dict`
     gathers, on one rank, what ``fastrms.RMSprop(flat).state_dict()`` would hold;
@@ -150,8 +157,10 @@ class ShardedRMSprop:
         #: Per dtype: this rank's shard.
         self.shard = tuple(b[rank] for b in self.bounds)
         group, backend = self._options(options)
-        #: Per dtype: the dtype of its state (float32 for float16 / bfloat16 parameters).
-        self._state_dtypes = [FLOAT32 if is_low_precision(d) else d for d in self._dtypes]
+        #: Per dtype: the dtypes of its gradient sums (float32 for 16-bit ones) and of its state.
+        self._sum_dtypes = [FLOAT32 if is_low_precision(d) else d for d in self._dtypes]
+        self._state_dtypes = [BFLOAT16 if group[STATE_FORMAT] == "bfloat16" else d
+                              for d in self._sum_dtypes]
         self._engine = self._shard_engine(group, backend)
         self._buckets = []
         self._pieces = []  # per dtype: elements of one rank's piece of a bucket
@@ -159,23 +168,20 @@ class ShardedRMSprop:
             piece = piece_elements(self.bucket_bytes, world, dtype.itemsize)
             self._pieces.append(piece)
             self._buckets.extend(buckets(self.bounds[d], piece, d))
-        # 16-bit parameters and gradients travel as 2-byte integers (MPI has no bfloat16, and
-        # no arithmetic happens in MPI: the sums are taken here, widened to float32).
-        by_size = {2: self._MPI.UINT16_T, 4: self._MPI.FLOAT, 8: self._MPI.DOUBLE}
-        self._mpi_types = [by_size[d.itemsize] for d in self._dtypes]
-        self._state_mpi_types = [by_size[d.itemsize] for d in self._state_dtypes]
+        # 16-bit values travel as 2-byte integers (MPI has no bfloat16; the sums are ours).
+        self._by_size = {2: self._MPI.UINT16_T, 4: self._MPI.FLOAT, 8: self._MPI.DOUBLE}
+        self._mpi_types = [self._by_size[d.itemsize] for d in self._dtypes]
         #: Per rank, its row in a staging slot (None for this rank, whose piece stays in place).
         self._row_of_rank = [None if q == rank else q - (q > rank) for q in range(world)]
         # Two slots (one bucket arriving while the last one is summed and updated), each with
         # one row per peer; the reduced gradient of a bucket is summed into its first row.
         self._slots = [[np.empty((world - 1, piece), dtype) for dtype, piece in
                         zip(self._dtypes, self._pieces)] for _ in range(2 if world > 1 else 0)]
-        # The sums of 16-bit gradient pieces, in float32 (the widening is exact).
         self._wide_sums = [np.empty(piece, FLOAT32) if is_low_precision(dtype) and world > 1
                            else None for dtype, piece in zip(self._dtypes, self._pieces)]
         # skip_nonfinite must see every reduced gradient before any update: they are kept whole.
-        self._reduced = ([np.empty(hi - lo, state_dtype) for state_dtype, (lo, hi) in
-                          zip(self._state_dtypes, self.shard)]
+        self._reduced = ([np.empty(hi - lo, sum_dtype) for sum_dtype, (lo, hi) in
+                          zip(self._sum_dtypes, self.shard)]
                          if self.skip_nonfinite and world > 1 else None)
         self._routes = [self._route(bucket) for bucket in self._buckets] if world > 1 else []
         self._layout_digest = digest(repr([(str(d), o, n, s) for d, o, n, s in flat.layout]))
@@ -184,11 +190,7 @@ class ShardedRMSprop:
         """``fastrms.RMSprop``'s options, resolved as it resolves them (the preset's defaults,
         then the explicit ones) and checked: the one parameter group (no ``params`` yet) and
         the backend name."""
-        if options.get("state_format", "float32") != "float32":
-            raise ValueError(f"state_format={options['state_format']!r}: ShardedRMSprop keeps "
-                             f"its shard's state in the parameters' dtype (float32 for 16-bit "
-                             f"parameters); compact state is not sharded yet")
-        unknown = sorted(set(options) - set(OPTIONS) - {"state_format"})
+        unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise TypeError(f"ShardedRMSprop got unexpected options {unknown}; it takes "
                             f"comm, average, bucket_bytes and {', '.join(OPTIONS)}")
@@ -214,6 +216,11 @@ class ShardedRMSprop:
             raise TypeError(f"param_groups[0]: lr is required with preset {preset.name!r} (the "
                             f"framework has no default learning rate)")
         check_hyperparameters(group, "param_groups[0]")
+        group[STATE_FORMAT] = check_state_format(options.get(STATE_FORMAT, DEFAULT_STATE_FORMAT),
+                                                 "param_groups[0]")
+        if group[STATE_FORMAT] == "blockwise8":
+            raise ValueError(f"param_groups[0]: {BLOCKWISE8_REFUSED}")
+        check_format_fits(group[STATE_FORMAT], self._dtypes, "param_groups[0]")
         if check_precision_options(group, "param_groups[0]")[0] == "stochastic":
             raise ValueError(f"param_groups[0]: {STOCHASTIC_REFUSED}")
         check_master_has_targets(group, self._dtypes, "param_groups[0]")
@@ -231,7 +238,8 @@ class ShardedRMSprop:
                                  f"updated in place")
             view = self.flat.param_buffers[dtype][lo:hi]
             bucket = Bucket(0, dtype, [view], counts, [counts.new_slot()], view,
-                            self.flat.grad_buffers[dtype][lo:hi])
+                            self.flat.grad_buffers[dtype][lo:hi],
+                            state_format=group[STATE_FORMAT])
             bucket.allocate_initial(group, self._always_momentum)
             shard_buckets.append(bucket)
         group["params"] = [bucket.params[0] for bucket in shard_buckets]
@@ -262,13 +270,14 @@ class ShardedRMSprop:
         return send, receive, gather
 
     def _construction_parts(self) -> dict:
-        defaults = {key: "<callable>" if callable(value) else _plain(value)
+        defaults = {key: "<callable>" if callable(value) else as_plain(value)
                     for key, value in self.defaults.items()}
         return {
             "parameter layout": (f"{len(self.flat)} arrays, elements per dtype "
                                  f"{dict(zip(map(str, self._dtypes), self._sizes))}, layout "
                                  f"digest {self._layout_digest}"),
             "options": repr({"preset": self.preset, **defaults,
+                             "state_format": self.param_groups[0][STATE_FORMAT],
                              "skip_nonfinite": self.skip_nonfinite,
                              "average": self.average, "bucket_bytes": self.bucket_bytes}),
         }
@@ -469,10 +478,12 @@ class ShardedRMSprop:
             gathered = {}
             counts = [hi - lo for lo, hi in bounds]
             displs = [lo for lo, _ in bounds]
-            state_dtype, kind = self._state_dtypes[d], self._state_mpi_types[d]
             for name in names[d]:
-                target = np.empty(self._sizes[d], state_dtype) if self.rank == root else None
-                self.comm.Gatherv(shards[d][name], [target, (counts, displs), kind]
+                dtype_of = shards[d][name].dtype  # bfloat16 state, a float32 master copy
+                kind = self._by_size[dtype_of.itemsize]
+                target = np.empty(self._sizes[d], dtype_of) if self.rank == root else None
+                self.comm.Gatherv(raw_bits(shards[d][name]),
+                                  [raw_bits(target), (counts, displs), kind]
                                   if self.rank == root else None, root=root)
                 gathered[name] = target
             whole.append(gathered)
@@ -507,13 +518,3 @@ class ShardedRMSprop:
                 f"{len(self._buckets)} buckets, average={self.average}, preset={self.preset!r}, "
                 f"backend={self._engine.backend!r}, skip_nonfinite={self.skip_nonfinite},\n"
                 f"  {hyper})")
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-def _plain(value):
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (Integral, float, np.floating)):
-        return float(value)
-    return repr(value)

@@ -231,7 +231,9 @@ def sixteen_bit_parameters_sum_in_float32(comm):
     start = [rng.standard_normal(shape).astype(dtype) for dtype, shape in layout]
     world, rank = comm.size, comm.rank
     for options in ({}, {"momentum": 0.9, "centered": True},
-                    {"master_weights": True, "momentum": 0.5, "weight_decay": 0.01}):
+                    {"master_weights": True, "momentum": 0.5, "weight_decay": 0.01},
+                    {"state_format": "bfloat16", "momentum": 0.9, "centered": True},
+                    {"state_format": "bfloat16", "master_weights": True}):
         where = f"16-bit {options}"
         flat = fastrms.FlatParams([a.copy() for a in start])
         opt = ShardedRMSprop(flat, comm, bucket_bytes=2048, lr=1e-2, **options)
@@ -263,6 +265,19 @@ def sixteen_bit_parameters_sum_in_float32(comm):
     exc = raises(ValueError, ShardedRMSprop, fastrms.FlatParams([a.copy() for a in start]),
                  comm, lr=1e-2, param_rounding="stochastic")
     assert "param_rounding='stochastic'" in str(exc), exc
+
+
+@check(2, 3)
+def bfloat16_state_of_float32_parameters(comm):
+    """state_format="bfloat16": the shards keep bfloat16 state, with fastrms.RMSprop's bits."""
+    for options in ({"state_format": "bfloat16"},
+                    {"state_format": "bfloat16", "momentum": 0.9, "centered": True}):
+        pair = Pair(comm, "float32", options, bucket_bytes=2048)
+        for _ in range(3):
+            pair.step()
+        pair.verify(f"float32 {options}")
+        assert all(entry["square_avg"].dtype.name == "bfloat16"
+                   for entry in pair.opt.flat_state())
 
 
 @check(2, 3)

@@ -205,11 +205,11 @@ def test_docstring_examples_in_a_world_of_one():
 
 
 @needs_mpi
-def test_compact_state_and_stochastic_rounding_are_refused_by_name():
+def test_blockwise8_state_and_stochastic_rounding_are_refused_by_name():
     code = ("import numpy as np, ml_dtypes, fastrms\n"
             "from fastrms.distributed import ShardedRMSprop\n"
             "flat = fastrms.FlatParams([np.ones(300, ml_dtypes.bfloat16)])\n"
-            "for options, words in (({'state_format': 'blockwise8'}, 'not sharded yet'),\n"
+            "for options, words in (({'state_format': 'blockwise8'}, 'is not sharded'),\n"
             "                       ({'param_rounding': 'stochastic'}, 'a shard cuts arrays')):\n"
             "    try:\n"
             "        ShardedRMSprop(flat, lr=0.1, **options)\n"
@@ -217,7 +217,7 @@ def test_compact_state_and_stochastic_rounding_are_refused_by_name():
             "        assert words in str(error), error\n"
             "    else:\n"
             "        raise AssertionError(options)\n"
-            "assert ShardedRMSprop(flat, lr=0.1, state_format='float32').step()\n")
+            "assert ShardedRMSprop(flat, lr=0.1, state_format='bfloat16').step()\n")
     run_python(code, env=clean_env(PYTHONPATH=str(ROOT)), timeout=120)
 
 

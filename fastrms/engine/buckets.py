@@ -29,6 +29,7 @@ import numpy as np
 
 from .._codecs import FLOAT32
 from .._validation import is_kernel_ready
+from ..backends import compact_module
 from .compact import DEFAULT_STATE_FORMAT, new_states, run_compact, state_arrays
 from .precision import MASTER, is_low_precision, key_bases, step_keys
 
@@ -383,13 +384,17 @@ class Bucket:
         end whose gradients arrive piece by piece: the sharded optimizer updates each piece of
         its shard as that piece's reduced gradient arrives. Steps are counted apart
         (:meth:`advance`), once per step however many ranges it ran. A 16-bit bucket rounds to
-        nearest (``grad``: its dtype or float32), on its master copy when it has one."""
+        nearest (``grad``: its dtype or float32), on its master copy when it has one. Compact
+        state: bfloat16 only (a blockwise8 range would have to start on a block)."""
         flat = self.flat
         arrays = (flat["param"][lo:hi], grad, flat["square_avg"][lo:hi],
                   flat["momentum_buffer"][lo:hi] if coeffs.uses_momentum else None,
                   flat["grad_avg"][lo:hi] if coeffs.centered else None)
-        if self.low_precision:  # rounding to nearest: a range has no stochastic stream
-            master = flat[MASTER]
+        master = flat[MASTER]
+        if self.compact:  # bfloat16 state (one flat buffer per state buffer, as the params)
+            compact_module(module).update_compact(
+                coeffs, *arrays, None if master is None else master[lo:hi], None)
+        elif self.low_precision:  # rounding to nearest: a range has no stochastic stream
             module.update_low_precision(coeffs, *arrays,
                                         None if master is None else master[lo:hi], None)
         elif not module.update_if_ready(coeffs, *arrays):
