@@ -20,20 +20,16 @@ from numbers import Integral
 
 import numpy as np
 
-from .checkpoint import (_ENTRY_KEYS, _as_builtin, _check_step, _exact_keys,
+from .checkpoint import (_ENTRY_KEYS, _STATE_NAMES, _as_builtin, _check_step, _exact_keys,
                          state_dict_from_arrays as _plain_from_arrays,
                          state_dict_to_arrays as _plain_to_arrays)
-from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, STATE_BUFFERS, check_hyperparameters
+from .engine import HYPERPARAMETERS, OPTIONAL_BUFFERS, check_hyperparameters
 from .engine.compact import STATE_FORMAT
 from .engine.precision import MASTER, PRECISION_OPTIONS
 from ._codecs import FLOAT32
 
 #: Group keys kept as they are saved (checked by fastrms.checkpoint.load_state_dict).
 _PASSED_THROUGH = PRECISION_OPTIONS + (STATE_FORMAT,)
-
-#: The buffers a state entry may hold: the optimizer state, and a 16-bit parameter's float32
-#: master copy.
-_BUFFERS = STATE_BUFFERS + (MASTER,)
 
 SHARD_KEYS = ("world_size", "rank", "dtypes", "sizes", "bounds")
 
@@ -44,22 +40,6 @@ def shard_description(world: int, rank: int, dtypes, sizes, bounds) -> dict:
             "sizes": [int(n) for n in sizes], "bounds": [[int(lo), int(hi)] for lo, hi in bounds]}
 
 
-def hyperparameter_entry(group: Mapping, where: str, keys=HYPERPARAMETERS) -> dict:
-    """A parameter group's ``keys`` as a state dict stores them (a callable lr: None; the
-    16-bit options as a str, an int and a bool)."""
-    entry = {}
-    for key in keys:
-        value = group[key]
-        if key == "lr" and callable(value):
-            entry[key] = None
-        elif key in _PASSED_THROUGH:
-            entry[key] = value if isinstance(value, str) else \
-                (bool(value) if key == "master_weights" else int(value))
-        else:
-            entry[key] = _as_builtin(value, f"{where}[{key!r}]")
-    return entry
-
-
 def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict]) -> dict:
     """The unsharded optimizer's state dict from whole per-dtype state buffers
     (``buffers[d][name]``, absent names omitted), cut per array as ``layout`` says."""
@@ -67,7 +47,7 @@ def full_state_dict(hyper: dict, step: int, layout, dtypes, buffers: list[dict])
     for i, (dtype, offset, size, shape) in enumerate(layout):
         whole = buffers[dtypes.index(dtype)]
         entry = {"step": step}
-        for name in _BUFFERS:
+        for name in _STATE_NAMES:
             if name in whole:
                 entry[name] = whole[name][offset:offset + size].reshape(shape)
         state[i] = entry
@@ -228,7 +208,7 @@ def _checked_entries(state_dict, expected, kinds, current_lr, always_momentum,
                 raise ValueError(f"{where}: {name!r} is present for some parameters of its "
                                  f"dtype but not others")
         found = {}
-        for name in _BUFFERS:
+        for name in _STATE_NAMES:
             if name in entry:
                 found[name] = _checked_array(entry[name], FLOAT32 if name == MASTER else dtype,
                                              shape, f"{where}[{name!r}]")
@@ -252,7 +232,7 @@ def _slice_of(arrays, layout, dtype, state_dtype, lo: int, hi: int) -> dict:
     """Elements [lo, hi) of the dtype's flat state (of ``state_dtype``), cut out of the full
     form's per-array entries."""
     members = [i for i, entry in enumerate(layout) if entry[0] == dtype]  # never empty
-    names = [name for name in _BUFFERS if name in arrays[members[0]]]
+    names = [name for name in _STATE_NAMES if name in arrays[members[0]]]
     out = {name: np.empty(hi - lo, FLOAT32 if name == MASTER else state_dtype)
            for name in names}
     for i in members:

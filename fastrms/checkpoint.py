@@ -45,23 +45,31 @@ def group_keys(opt) -> tuple:
     return keys
 
 
+def group_entry(group: Mapping, keys, where: str) -> dict:
+    """A parameter group's ``keys`` as a state dict stores them: a callable lr as None,
+    ``state_format`` and the 16-bit options as a str, an int and a bool, the rest as Python
+    numbers."""
+    entry = {}
+    for key in keys:
+        value = group[key]
+        if key == "lr" and callable(value):
+            entry[key] = None
+        elif key == STATE_FORMAT:
+            entry[key] = str(value)
+        elif key in PRECISION_OPTIONS:  # checked at every step: a str, an int, a bool
+            entry[key] = value if isinstance(value, str) else \
+                (bool(value) if key == "master_weights" else int(value))
+        else:
+            entry[key] = _as_builtin(value, f"{where}[{key!r}]")
+    return entry
+
+
 def state_dict(opt) -> dict:
     """:meth:`fastrms.RMSprop.state_dict`."""
     groups = []
     keys = group_keys(opt)
     for g, group in enumerate(opt.param_groups):
-        entry = {}
-        for key in keys:
-            value = group[key]
-            if key == "lr" and callable(value):
-                entry[key] = None
-            elif key == STATE_FORMAT:
-                entry[key] = str(value)
-            elif key in PRECISION_OPTIONS:  # checked at every step: a str, an int, a bool
-                entry[key] = value if isinstance(value, str) else \
-                    (bool(value) if key == "master_weights" else int(value))
-            else:
-                entry[key] = _as_builtin(value, f"param_groups[{g}][{key!r}]")
+        entry = group_entry(group, keys, f"param_groups[{g}]")
         entry["params"] = list(opt._group_indices[g])
         groups.append(entry)
     state: dict[int, dict] = {}

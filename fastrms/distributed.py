@@ -25,12 +25,12 @@ import numpy as np
 from . import _dispatch, checkpoint, presets
 from ._agreement import RankError, agree, as_plain, digest, mpi, raw_bits
 from ._coefficients import check_real
-from ._shard_state import (checked_shard_form, full_state_dict, hyperparameter_entry,
-                           shard_description, state_dict_from_arrays, state_dict_to_arrays)
+from ._shard_state import (checked_shard_form, full_state_dict, shard_description,
+                           state_dict_from_arrays, state_dict_to_arrays)
+from .checkpoint import _STATE_NAMES
 from ._shards import buckets, piece_elements, shard_bounds
-from .engine import (HYPERPARAMETERS, STATE_BUFFERS, Bucket, Engine, StepCounts,
-                     check_hyperparameters)
-from .engine.precision import (MASTER, PRECISION_DEFAULTS, PRECISION_OPTIONS,
+from .engine import HYPERPARAMETERS, Bucket, Engine, StepCounts, check_hyperparameters
+from .engine.precision import (PRECISION_DEFAULTS, PRECISION_OPTIONS,
                                check_master_has_targets, check_precision_options,
                                is_low_precision)
 from .engine.compact import (DEFAULT_STATE_FORMAT, STATE_FORMAT, check_format_fits,
@@ -53,7 +53,6 @@ OPTIONS = HYPERPARAMETERS + PRECISION_OPTIONS + ("state_format", "preset", "back
 #: fastrms.RMSprop's blockwise8 blocks lie within each parameter; shards cut parameters.
 BLOCKWISE8_REFUSED = ("state_format='blockwise8' is not sharded: fastrms.RMSprop's blocks lie "
                       "within each parameter, and shards cut parameters; use 'bfloat16'")
-_BUFFERS = STATE_BUFFERS + (MASTER,)
 #: Stochastic rounding draws its bits per parameter array, and a shard cuts arrays.
 STOCHASTIC_REFUSED = ("ShardedRMSprop rounds 16-bit parameters to nearest (with or without "
                       "master_weights); param_rounding='stochastic' draws its random bits per "
@@ -177,8 +176,9 @@ class ShardedRMSprop:
         # one row per peer; the reduced gradient of a bucket is summed into its first row.
         self._slots = [[np.empty((world - 1, piece), dtype) for dtype, piece in
                         zip(self._dtypes, self._pieces)] for _ in range(2 if world > 1 else 0)]
-        self._wide_sums = [np.empty(piece, FLOAT32) if is_low_precision(dtype) and world > 1
-                           else None for dtype, piece in zip(self._dtypes, self._pieces)]
+        self._wide_sums = [np.empty(piece, sum_dtype) if sum_dtype != dtype and world > 1
+                           else None for dtype, sum_dtype, piece in
+                           zip(self._dtypes, self._sum_dtypes, self._pieces)]
         # skip_nonfinite must see every reduced gradient before any update: they are kept whole.
         self._reduced = ([np.empty(hi - lo, sum_dtype) for sum_dtype, (lo, hi) in
                           zip(self._sum_dtypes, self.shard)]
@@ -439,7 +439,7 @@ class ShardedRMSprop:
         element ``bounds[0] + k``."""
         return [{"dtype": bucket.dtype, "bounds": bounds,
                  **{name: None if bucket.flat[name] is None else bucket.flat[name][...]
-                    for name in _BUFFERS}}
+                    for name in _STATE_NAMES}}
                 for bucket, bounds in zip(self._engine.buckets, self.shard)]
 
     def _shard_description(self) -> dict:
@@ -463,10 +463,10 @@ class ShardedRMSprop:
                 raise TypeError(f"root must be an integer rank, got {type(root).__name__}")
             if not 0 <= root < self.world_size:
                 raise ValueError(f"root must be a rank in [0, {self.world_size}), got {root}")
-            hyper = hyperparameter_entry(self.param_groups[0], "param_groups[0]",
-                                         checkpoint.group_keys(self))
+            hyper = checkpoint.group_entry(self.param_groups[0], checkpoint.group_keys(self),
+                                           "param_groups[0]")
             shards = self.flat_state()
-            names = [[n for n in _BUFFERS if s[n] is not None] for s in shards]
+            names = [[n for n in _STATE_NAMES if s[n] is not None] for s in shards]
             step = self._engine.group_step(0)
             parts = {"root": str(root), "step": str(step), "buffers": repr(names),
                      "hyperparameters": repr(hyper)}
